@@ -1,0 +1,84 @@
+"""Build the Ray Serve application from models.yaml: one deployment per tier, one ingress in front.
+
+`serve run deployments/local.yaml` imports `serving.app:build_app` with the file's `args`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import Application
+
+from serving.config import AppConfig, Settings, Tier, load_config
+from serving.ingress import Ingress, api
+from serving.tiers import TierServer
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class BuildArgs(BaseModel):
+    """The `args:` block of a deployments/*.yaml application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = None
+    profile: str | None = None
+    cache_dir: str | None = None
+
+
+def find_config(path: str) -> Path:
+    """A relative path is tried against the cwd, then the checkout (the builder may run anywhere)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    return REPO_ROOT / candidate
+
+
+def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
+    res = tier.resources
+    actor_options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus}
+    if res.custom:
+        actor_options["resources"] = dict(res.custom)
+    if res.env:
+        actor_options["runtime_env"] = {"env_vars": dict(res.env)}
+    options: dict[str, Any] = {
+        "name": f"tier-{name}",
+        "ray_actor_options": actor_options,
+        "max_ongoing_requests": tier.replicas.max_ongoing_requests,
+        # Engines load weights and compile: give them time before Serve's health checks count.
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    autoscaling = tier.replicas.autoscaling_config()
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = tier.replicas.min
+    return serve.deployment(TierServer).options(**options).bind(name, tier, str(cache_dir))
+
+
+def build(config: AppConfig, cache_dir: Path) -> Application:
+    tiers = {name: tier_deployment(name, tier, cache_dir) for name, tier in config.tiers.items()}
+    ingress = serve.deployment(serve.ingress(api)(Ingress)).options(
+        name="ingress",
+        num_replicas=config.ingress.replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress.cpus},
+    )
+    return ingress.bind(config, tiers)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    parsed = BuildArgs.model_validate(args or {})
+    settings = Settings()
+    path = find_config(parsed.config or str(settings.config))
+    config = load_config(path, parsed.profile or settings.profile)
+    cache_dir = Path(parsed.cache_dir).expanduser() if parsed.cache_dir else settings.cache_dir
+    log.info("tierserve: profile %s from %s, tiers %s", config.profile, path, ", ".join(config.tiers))
+    return build(config, cache_dir)

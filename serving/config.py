@@ -1,0 +1,288 @@
+"""models.yaml: the tier catalog, its profiles, and the settings read from the environment.
+
+The file is a catalog (`tiers`, `ingress`) plus `profiles`, each a partial overlay deep-merged onto the
+catalog, so `local` and `gpu` differ only where they must. Everything is validated once at load; an error
+names the YAML path of the bad value, pointing into the profile when the value came from the overlay.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TIER_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
+RESERVED_NAMES = frozenset({"auto"})
+
+
+class ConfigError(ValueError):
+    """A models.yaml problem; each line is `yaml.path: what is wrong`."""
+
+    def __init__(self, problems: list[str], source: str = "") -> None:
+        self.problems = problems
+        head = f"{source}: " if source else ""
+        super().__init__(head + ("\n" if len(problems) > 1 else "") + "\n".join(problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(Strict):
+    """Where a tier's weights come from: one of a hub repo, a local path, or a generated tiny model."""
+
+    repo: str | None = Field(None, description="Hugging Face repo id, e.g. Qwen/Qwen2.5-7B-Instruct")
+    revision: str = Field("main", min_length=1, description="branch, tag or commit of `repo`")
+    path: str | None = Field(None, description="local directory in Hugging Face format")
+    tiny_seed: int | None = Field(None, ge=0, description="generate the tiny test model with this seed")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        given = [k for k in ("repo", "path", "tiny_seed") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of repo, path, tiny_seed (got {given or 'none'})")
+        return self
+
+
+class EngineArgs(Strict):
+    """The vLLM engine arguments a tier may set; `extra` passes rarer AsyncEngineArgs fields through."""
+
+    max_model_len: Annotated[int, Field(gt=0)] = 4096
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "bitsandbytes"] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    tensor_parallel_size: Annotated[int, Field(gt=0)] = 1
+    max_num_seqs: Annotated[int, Field(gt=0)] = 256
+    enforce_eager: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Resources(Strict):
+    """What one replica asks Ray for. GPUs must cover tensor parallelism; `custom` pins tiers to nodes."""
+
+    gpus: Annotated[float, Field(ge=0)] = 0
+    cpus: Annotated[float, Field(gt=0)] = 1
+    custom: dict[str, float] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the replica and engine")
+
+
+class Replicas(Strict):
+    """Fixed (min == max) or autoscaled replica count; min 0 allows scale-to-zero."""
+
+    min: Annotated[int, Field(ge=0)] = 1
+    max: Annotated[int, Field(gt=0)] = 1
+    initial: Annotated[int, Field(ge=0)] | None = None
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 32
+    # Ray Serve's default of 5 would serialise an engine that batches hundreds of sequences.
+    max_ongoing_requests: Annotated[int, Field(gt=0)] = 256
+    upscale_delay_s: Annotated[float, Field(ge=0)] = 30
+    downscale_delay_s: Annotated[float, Field(ge=0)] = 600
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        if self.initial is not None and not self.min <= self.initial <= self.max:
+            raise ValueError(f"initial ({self.initial}) must be between min and max")
+        return self
+
+    def autoscaling_config(self) -> dict[str, Any] | None:
+        if self.min == self.max:
+            return None
+        return {
+            "min_replicas": self.min,
+            "max_replicas": self.max,
+            "initial_replicas": self.initial,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+
+
+class Tier(Strict):
+    served_name: str = Field(min_length=1, description="the model name responses carry")
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    model: ModelSource
+    engine: EngineArgs = EngineArgs()
+    resources: Resources = Resources()
+    replicas: Replicas = Replicas()
+
+    @model_validator(mode="after")
+    def _gpus_cover_tp(self) -> Tier:
+        if self.engine.tensor_parallel_size > 1 and self.resources.gpus < self.engine.tensor_parallel_size:
+            raise ValueError(
+                f"resources.gpus ({self.resources.gpus}) must be >= engine.tensor_parallel_size "
+                f"({self.engine.tensor_parallel_size})"
+            )
+        return self
+
+
+class IngressConfig(Strict):
+    cpus: Annotated[float, Field(ge=0)] = 0.25
+    max_ongoing_requests: Annotated[int, Field(gt=0)] = 2048
+    replicas: Annotated[int, Field(gt=0)] = 1
+
+
+TierName = Annotated[str, Field(pattern=TIER_NAME)]
+
+
+class AppConfig(Strict):
+    """One profile's effective configuration: what the application is built from."""
+
+    version: Literal[1] = 1
+    profile: str = "base"
+    tiers: dict[TierName, Tier] = Field(min_length=1)
+    ingress: IngressConfig = IngressConfig()
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> AppConfig:
+        owner: dict[str, str] = {}
+        for tier_name, tier in self.tiers.items():
+            for name in (tier_name, tier.served_name, *tier.aliases):
+                if name in RESERVED_NAMES:
+                    raise ValueError(f"tiers.{tier_name}: '{name}' is reserved")
+                if owner.get(name, tier_name) != tier_name:
+                    used_by = owner[name]
+                    raise ValueError(f"tiers.{tier_name}: name '{name}' is already used by tier {used_by}")
+                owner[name] = tier_name
+        return self
+
+    def model_names(self) -> dict[str, str]:
+        """Every name a request may use (tier, served name, alias) -> tier name."""
+        names: dict[str, str] = {}
+        for tier_name, tier in self.tiers.items():
+            for name in (tier_name, tier.served_name, *tier.aliases):
+                names[name] = tier_name
+        return names
+
+
+class Settings(BaseSettings):
+    """Process settings from the environment (TIERSERVE_*); the catalog itself lives in models.yaml."""
+
+    model_config = SettingsConfigDict(env_prefix="TIERSERVE_", extra="ignore")
+
+    config: Path = Path("models.yaml")
+    profile: str = "local"
+    cache_dir: Path = Path.home() / ".cache" / "tierserve"
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+# A model source is one choice (repo | path | tiny_seed): an overlay replaces it whole, never merges into it.
+ATOMIC_KEYS = frozenset({"model"})
+
+
+def deep_merge(base: Any, overlay: Any) -> Any:
+    """Overlay wins; mappings merge key by key, everything else (lists included) is replaced."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        merged = dict(base)
+        for key, value in overlay.items():
+            atomic = key in ATOMIC_KEYS
+            merged[key] = deep_merge(base[key], value) if key in base and not atomic else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(overlay)
+
+
+def _loc_in(tree: Any, loc: tuple[Any, ...]) -> bool:
+    for part in loc:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _problems(exc: ValidationError, overlay: dict[str, Any], profile: str | None) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        # A model_validator's message already names its field; point at the object it checked.
+        prefix = f"profiles.{profile}." if profile and overlay and _loc_in(overlay, loc) else ""
+        path = prefix + ".".join(str(p) for p in loc) if loc else "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(
+            err["input"], dict | list
+        ):
+            msg += f" (got {err['input']!r})"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append(f"{path}: {msg}")
+    return problems
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"], str(path)) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where else ""
+        raise ConfigError([f"{line}invalid YAML: {getattr(exc, 'problem', exc)}"], str(path)) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): must be a mapping with `tiers`"], str(path))
+    return data
+
+
+def build_config(data: dict[str, Any], profile: str | None, source: str = "") -> AppConfig:
+    data = dict(data)
+    profiles = data.pop("profiles", None) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(["profiles: must be a mapping of profile name -> overlay"], source)
+    overlay: dict[str, Any] = {}
+    if profile is not None:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError([f"profiles.{profile}: no such profile (known: {known})"], source)
+        overlay = profiles[profile] or {}
+        if not isinstance(overlay, dict):
+            raise ConfigError([f"profiles.{profile}: must be a mapping"], source)
+    merged = deep_merge(data, overlay)
+    merged.setdefault("profile", profile or "base")
+    try:
+        return AppConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc, overlay, profile), source) from exc
+
+
+def load_config(path: str | Path, profile: str | None = None) -> AppConfig:
+    """Load one profile of a models.yaml (the bare catalog when `profile` is None)."""
+    path = Path(path)
+    config = build_config(read_yaml(path), profile, str(path))
+    return config.model_copy(update={"tiers": _resolve_paths(config.tiers, path.resolve().parent)})
+
+
+def _resolve_paths(tiers: dict[str, Tier], base: Path) -> dict[str, Tier]:
+    """Relative model paths are relative to models.yaml, so replicas find them whatever their cwd."""
+    out = {}
+    for name, tier in tiers.items():
+        if tier.model.path and not Path(tier.model.path).expanduser().is_absolute():
+            model = tier.model.model_copy(update={"path": str(base / tier.model.path)})
+            tier = tier.model_copy(update={"model": model})
+        out[name] = tier
+    return out
+
+
+def validate_file(path: str | Path) -> list[str]:
+    """Check the catalog and every profile; return the problems found (empty when the file is good)."""
+    path = Path(path)
+    try:
+        data = read_yaml(path)
+    except ConfigError as exc:
+        return exc.problems
+    profiles = data.get("profiles") or {}
+    problems: list[str] = []
+    for profile in [None, *(profiles if isinstance(profiles, dict) else [])]:
+        try:
+            build_config(data, profile)
+        except ConfigError as exc:
+            problems.extend(p for p in exc.problems if p not in problems)
+    return problems
+

@@ -1,0 +1,111 @@
+"""One error envelope for HTTP bodies and in-stream SSE events: {"error": {message, type, param, code}}.
+
+`code` is a string, as OpenAI sends it (vLLM puts the HTTP status there as an int; we translate).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+
+# OpenAI's `type` values by status; clients (the openai SDK) pick their exception class from the status.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_CODES = {
+    400: "invalid_value",
+    401: "invalid_api_key",
+    403: "permission_denied",
+    404: "not_found",
+    408: "timeout",
+    413: "request_too_large",
+    422: "invalid_value",
+    429: "rate_limit_exceeded",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "gateway_timeout",
+}
+
+
+class APIError(Exception):
+    """An error a client should see as-is, raised anywhere on the request path."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code, type_=self.type)
+
+    def json(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def sse(self) -> bytes:
+        return b"data: " + self.json() + b"\n\n"
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None, type_: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": code or _CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_")),
+        }
+    }
+
+
+def from_vllm_error(error: dict[str, Any]) -> APIError:
+    """Translate vLLM's ErrorInfo (code = HTTP status as int) into our envelope."""
+    try:
+        status = int(error.get("code") or 500)
+        HTTPStatus(status)
+    except (TypeError, ValueError):
+        status = 500
+    message = str(error.get("message") or "engine error")
+    code = None
+    lowered = message.lower()
+    if status == 400 and ("maximum context length" in lowered or "context length" in lowered):
+        code = "context_length_exceeded"  # OpenAI's code for the same condition
+    elif status == 404:
+        code = "model_not_found"
+    return APIError(status, message, param=error.get("param"), code=code)
+
+
+def from_validation_errors(errors: list[Any], prefix: tuple[Any, ...] = ()) -> APIError:
+    """A pydantic/FastAPI validation failure: 400 naming the first bad field (all of them in the message)."""
+    parts = []
+    first_param = None
+    for err in errors:
+        loc = [str(p) for p in (*prefix, *err.get("loc", ())) if p not in ("body",)]
+        param = ".".join(loc) or None
+        first_param = first_param or param
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{param}: {msg}" if param else msg)
+    return APIError(400, "; ".join(parts) or "invalid request", param=first_param)

@@ -1,0 +1,231 @@
+"""The tier deployment: each replica owns one vLLM AsyncLLM engine in-process.
+
+vLLM's own OpenAI serving classes do the chat templating, sampling-parameter conversion and response /
+chunk types; this module only adapts them to Ray Serve: a request body in, either one JSON body or a
+stream of SSE bytes out, every error in our one envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from serving.config import Tier
+from serving.errors import APIError, from_validation_errors, from_vllm_error
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("chat", "completion")
+DONE = b"data: [DONE]\n\n"
+
+
+class Result:
+    """A non-streamed answer: status and the JSON body bytes (serialised once, in the replica)."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
+
+    @classmethod
+    def error(cls, exc: APIError) -> Result:
+        return cls(exc.status, exc.json())
+
+
+def engine_args(tier: Tier, model_path: Path) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    e = tier.engine
+    return AsyncEngineArgs(
+        model=str(model_path),
+        served_model_name=[tier.served_name],
+        max_model_len=e.max_model_len,
+        dtype=e.dtype,
+        quantization=e.quantization,
+        gpu_memory_utilization=e.gpu_memory_utilization,
+        tensor_parallel_size=e.tensor_parallel_size,
+        max_num_seqs=e.max_num_seqs,
+        enforce_eager=e.enforce_eager,
+        seed=e.seed,
+        # Worker processes, not Ray actors: the replica's own actor already holds the tier's resources.
+        distributed_executor_backend="mp",
+        disable_log_stats=False,
+        **e.extra,
+    )
+
+
+class TierServer:
+    """Plain class; `serving.app` wraps it with `serve.deployment` and the tier's options."""
+
+    def __init__(self, tier_name: str, tier: Tier, cache_dir: str) -> None:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.renderers.online_renderer import OnlineRenderer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from serving.weights import resolve
+
+        self.tier_name = tier_name
+        self.tier = tier
+        os.environ.update(tier.resources.env)
+        model_path = resolve(tier.model, Path(cache_dir))
+        log.info("tier %s: starting engine for %s", tier_name, model_path)
+        self.engine = AsyncLLM.from_engine_args(engine_args(tier, model_path))
+        models = OpenAIServingModels(
+            engine_client=self.engine,
+            base_model_paths=[BaseModelPath(name=tier.served_name, model_path=str(model_path))],
+        )
+        renderer = OnlineRenderer(
+            model_config=self.engine.model_config,
+            renderer=self.engine.renderer,
+            request_logger=None,
+            chat_template=None,
+            chat_template_content_format="auto",
+        )
+        self.serving = {
+            "chat": OpenAIServingChat(
+                self.engine,
+                models,
+                "assistant",
+                online_renderer=renderer,
+                request_logger=None,
+                chat_template=None,
+                chat_template_content_format="auto",
+            ),
+            "completion": OpenAIServingCompletion(
+                self.engine, models, online_renderer=renderer, request_logger=None
+            ),
+        }
+        self.request_types = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
+
+    # -- request path -------------------------------------------------------------------------------
+
+    async def _start(self, endpoint: str, body: dict[str, Any]) -> Any:
+        try:
+            return await self._submit(endpoint, body)
+        except APIError as exc:
+            if exc.code == "context_length_exceeded":
+                # vLLM says `input_tokens`; OpenAI names the field the client sent.
+                exc.param = "messages" if endpoint == "chat" else "prompt"
+            raise
+
+    async def _submit(self, endpoint: str, body: dict[str, Any]) -> Any:
+        """Validate with vLLM's protocol types and hand the request to vLLM's serving code."""
+        if endpoint not in ENDPOINTS:
+            raise APIError(404, f"unknown endpoint {endpoint!r}")
+        body = {**body, "model": self.tier.served_name}
+        try:
+            request = self.request_types[endpoint].model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_errors(exc.errors()) from None
+        if self.engine.errored:
+            raise APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting")
+        try:
+            handler = self.serving[endpoint]
+            if endpoint == "chat":
+                result = await handler.create_chat_completion(request, None)
+            else:
+                result = await handler.create_completion(request, None)
+        except APIError:
+            raise
+        except Exception as exc:  # vLLM raised instead of returning an ErrorResponse
+            raise self._map_exception(exc) from exc
+        error = getattr(result, "error", None)
+        if error is not None:
+            raise from_vllm_error(error.model_dump())
+        return result
+
+    def _map_exception(self, exc: Exception) -> APIError:
+        """vLLM's own exception -> status mapping (validation 400, not found 404, engine 5xx)."""
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        error = create_error_response(exc).error.model_dump()
+        if int(error.get("code") or 500) >= 500:
+            log.exception("tier %s: engine failure", self.tier_name, exc_info=exc)
+            error["message"] = f"tier {self.tier_name}: engine failure: {error.get('message')}"
+        return from_vllm_error(error)
+
+    async def complete(self, endpoint: str, body: dict[str, Any]) -> Result:
+        try:
+            result = await self._start(endpoint, body)
+        except APIError as exc:
+            return Result.error(exc)
+        if not hasattr(result, "model_dump"):  # a generator: the body asked for stream=true
+            return Result.error(APIError(400, "stream=true must use the streaming path", param="stream"))
+        return Result(200, orjson.dumps(result.model_dump(exclude_none=True)))
+
+    async def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[bytes | Result]:
+        """Yield an error Result alone, or SSE bytes. Chunks already produced are sent together, so a
+        busy engine costs fewer Ray object transfers without delaying any token."""
+        try:
+            result = await self._start(endpoint, body)
+        except APIError as exc:
+            yield Result.error(exc)
+            return
+        if hasattr(result, "model_dump"):
+            yield Result.error(APIError(400, "stream=false must use the non-streaming path", param="stream"))
+            return
+
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for chunk in result:
+                    queue.put_nowait(_translate_sse(chunk))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the stream has started: report in-stream, in the same envelope
+                queue.put_nowait(self._map_exception(exc).sse())
+            finally:
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(pump())
+        try:
+            while True:
+                parts = [await queue.get()]
+                while not queue.empty():
+                    parts.append(queue.get_nowait())
+                ended = parts[-1] is None
+                data = b"".join(p for p in parts if p is not None)
+                if data:
+                    yield data
+                if ended:
+                    return
+        finally:
+            # Client went away (or we finished): cancelling the generator aborts the request in vLLM.
+            task.cancel()
+
+    # -- health -------------------------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising makes it replace the replica."""
+        await self.engine.check_health()
+
+    def __del__(self) -> None:
+        # Ray Serve calls __del__ on graceful replica shutdown: stop the engine's processes with it.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _translate_sse(chunk: str) -> bytes:
+    """vLLM writes in-stream errors with an int `code`; rewrite those into our envelope."""
+    if chunk.startswith('data: {"error"'):
+        try:
+            error = orjson.loads(chunk[6:].strip())["error"]
+            return from_vllm_error(error).sse()
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            pass
+    return chunk.encode()
