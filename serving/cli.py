@@ -1,4 +1,4 @@
-"""`tierserve` commands: validate, make-tiny-model, fetch-models, up."""
+"""`tierserve` commands: validate, make-tiny-model, fetch-models, up, gpus."""
 
 from __future__ import annotations
 
@@ -48,6 +48,26 @@ def cmd_fetch_models(args: argparse.Namespace) -> int:
         return 1
     for tier, path in paths.items():
         print(f"{tier}\t{path}")
+    return 0
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    """GPU readings as a table: every node of a running appliance (--url), or this machine's."""
+    from serving.gpu import GpuCollector, gpus_command
+
+    if args.url:
+        import httpx
+
+        try:
+            nodes = httpx.get(args.url.rstrip("/") + "/health/gpus", timeout=15).raise_for_status().json()["nodes"]
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            print(f"error: cannot read {args.url}/health/gpus: {exc}", file=sys.stderr)
+            return 1
+    else:
+        collector = GpuCollector()
+        nodes = [collector.snapshot().to_dict()]
+        collector.close()
+    print(gpus_command(nodes))
     return 0
 
 
@@ -115,6 +135,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="rewrite even if the directory holds a model")
     t.set_defaults(func=cmd_make_tiny_model)
+
+    g = sub.add_parser("gpus", help="GPU utilisation, memory, temperature, power and tier processes")
+    g.add_argument("--url", help="a running appliance, e.g. http://127.0.0.1:8000 (default: this machine)")
+    g.set_defaults(func=cmd_gpus)
 
     for name, func, text in (
         ("fetch-models", cmd_fetch_models, "download or generate every tier's weights"),

@@ -8,6 +8,7 @@ names the YAML path of the bad value, pointing into the profile when the value c
 from __future__ import annotations
 
 import copy
+from datetime import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -82,6 +83,10 @@ class Replicas(Strict):
     max_ongoing_requests: Annotated[int, Field(gt=0)] = 256
     upscale_delay_s: Annotated[float, Field(ge=0)] = 30
     downscale_delay_s: Annotated[float, Field(ge=0)] = 600
+    # Working hours (local time, 'HH:MM-HH:MM', may wrap midnight) during which the tier is pinged so it
+    # never goes cold; the ping interval defaults to half the downscale delay.
+    keep_warm_hours: Annotated[str, Field(pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")] | None = None
+    keep_warm_interval_s: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> Replicas:
@@ -89,7 +94,18 @@ class Replicas(Strict):
             raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
         if self.initial is not None and not self.min <= self.initial <= self.max:
             raise ValueError(f"initial ({self.initial}) must be between min and max")
+        if self.keep_warm_hours is not None:
+            for part in self.keep_warm_hours.split("-"):
+                try:
+                    time.fromisoformat(part)
+                except ValueError:
+                    raise ValueError(f"keep_warm_hours: {part!r} is not a time of day (HH:MM)") from None
         return self
+
+    def keep_warm(self) -> tuple[str, float] | None:
+        if self.keep_warm_hours is None:
+            return None
+        return self.keep_warm_hours, self.keep_warm_interval_s or max(self.downscale_delay_s / 2, 1.0)
 
     def autoscaling_config(self) -> dict[str, Any] | None:
         if self.min == self.max:
@@ -112,6 +128,9 @@ class Tier(Strict):
     engine: EngineArgs = EngineArgs()
     resources: Resources = Resources()
     replicas: Replicas = Replicas()
+    # Defined further down (issue 4 models are appended); the factories keep the names resolvable.
+    overflow: OverflowPolicy = Field(default_factory=lambda: OverflowPolicy())
+    cost_per_gpu_hour_usd: Annotated[float, Field(ge=0)] | None = None  # to compare local cost with providers
 
     @model_validator(mode="after")
     def _gpus_cover_tp(self) -> Tier:
@@ -126,7 +145,10 @@ class Tier(Strict):
 class IngressConfig(Strict):
     cpus: Annotated[float, Field(ge=0)] = 0.25
     max_ongoing_requests: Annotated[int, Field(gt=0)] = 2048
+    # One replica: /metrics counters live in the ingress process (more replicas would split them).
     replicas: Annotated[int, Field(gt=0)] = 1
+    ready_cache_s: Annotated[float, Field(ge=0)] = 5.0  # /health/ready reuses a probe this long
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # a probe slower than this marks the tier failing
 
 
 TierName = Annotated[str, Field(pattern=TIER_NAME)]
@@ -139,6 +161,27 @@ class AppConfig(Strict):
     profile: str = "base"
     tiers: dict[TierName, Tier] = Field(min_length=1)
     ingress: IngressConfig = IngressConfig()
+    providers: list[Provider] = Field(default_factory=list)
+    routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
+
+    @model_validator(mode="after")
+    def _routing_refs(self) -> AppConfig:
+        seen: set[str] = set()
+        for i, provider in enumerate(self.providers):
+            if provider.name in seen:
+                raise ValueError(f"providers.{i}.name: '{provider.name}' is used twice")
+            seen.add(provider.name)
+            unknown = sorted(set(provider.models) - set(self.tiers))
+            if unknown:
+                raise ValueError(f"providers.{i}.models: unknown tier(s) {', '.join(unknown)}")
+        for i, rule in enumerate(self.routing.rules):
+            if rule.tier not in self.tiers:
+                raise ValueError(f"routing.rules.{i}.tier: unknown tier '{rule.tier}'")
+        # The default `fast` may be absent from a catalog (router then takes the first tier); a value
+        # written in the file must exist.
+        if "default_tier" in self.routing.model_fields_set and self.routing.default_tier not in self.tiers:
+            raise ValueError(f"routing.default_tier: unknown tier '{self.routing.default_tier}'")
+        return self
 
     @model_validator(mode="after")
     def _names_unique(self) -> AppConfig:
@@ -286,3 +329,107 @@ def validate_file(path: str | Path) -> list[str]:
             problems.extend(p for p in exc.problems if p not in problems)
     return problems
 
+
+
+# -- routing, overflow and external providers (issue 4) ---------------------------------------------------
+
+ENV_VAR_NAME = r"^[A-Z_][A-Z0-9_]*$"  # upper case only: a pasted key (`sk-...`) fails here, not in a log
+ProviderKind = Literal["openai", "anthropic", "gradient", "ollama", "vllm", "tierserve"]
+Endpoint = Literal["chat", "completion"]
+
+
+class Provider(Strict):
+    """An OpenAI-compatible upstream used as fallback; `base_url` ends where `/chat/completions` is appended."""
+
+    name: Annotated[str, Field(pattern=TIER_NAME)]
+    kind: ProviderKind = "openai"  # informational (dashboards, docs); the wire protocol is always OpenAI's
+    base_url: Annotated[str, Field(pattern=r"^https?://")]
+    api_key_env: Annotated[str, Field(pattern=ENV_VAR_NAME)] | None = Field(
+        None, description="NAME of the environment variable holding the key; the key never goes in this file"
+    )
+    models: dict[str, str] = Field(default_factory=dict, description="tier -> upstream model name")
+    default_model: str | None = Field(None, description="upstream model for tiers not in `models`")
+    endpoints: list[Endpoint] = Field(default_factory=lambda: ["chat", "completion"])
+    max_context: Annotated[int, Field(gt=0)] = 8192
+    timeout_connect_s: Annotated[float, Field(gt=0)] = 15
+    timeout_read_s: Annotated[float, Field(gt=0)] = 15  # the longest silence between bytes, streams included
+    # Non-streamed: the whole answer; streamed: up to the first chunk (retries included), so a long stream
+    # is never cut by a total deadline, only by `timeout_read_s` of silence.
+    timeout_total_s: Annotated[float, Field(gt=0)] = 15
+    price_input_per_1m_usd: Annotated[float, Field(ge=0)] = 0
+    price_output_per_1m_usd: Annotated[float, Field(ge=0)] = 0
+    paid: bool = False
+    enabled: bool = True
+    budget_daily_usd: Annotated[float, Field(ge=0)] | None = None  # None: no limit; 0: never spend
+    budget_monthly_usd: Annotated[float, Field(ge=0)] | None = None
+    retries: Annotated[int, Field(ge=0, le=10)] = 2  # extra attempts, only before the first byte
+    priority: int = 100  # lower is tried first; ties keep file order
+    stream_usage: bool = True  # ask for `stream_options.include_usage` so streamed spend is accounted
+
+    @model_validator(mode="after")
+    def _has_model(self) -> Provider:
+        if not self.models and not self.default_model:
+            raise ValueError("set `models` (tier -> upstream model) or `default_model`")
+        return self
+
+    def upstream_model(self, tier: str) -> str | None:
+        """The model to ask this provider for on behalf of `tier` (None: it does not serve that tier)."""
+        return self.models.get(tier, self.default_model)
+
+
+class AutoRule(Strict):
+    """One `auto` routing rule: matches when any given matcher hits (and the size floor, if set, is met)."""
+
+    tier: str
+    name: str | None = None  # shows in the route reason; defaults to the matcher that hit
+    keywords: list[str] = Field(default_factory=list, description="case-insensitive whole words of the prompt")
+    regex: str | None = Field(None, description="Python regex searched in the prompt (case-insensitive)")
+    code: bool = False  # code-like content (fences, def/class/import, braces and semicolons)
+    min_prompt_tokens: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> AutoRule:
+        import re
+
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex: {exc}") from None
+        if not (self.keywords or self.regex or self.code or self.min_prompt_tokens is not None):
+            raise ValueError("a rule needs keywords, regex, code or min_prompt_tokens")
+        return self
+
+
+class BreakerConfig(Strict):
+    failures: Annotated[int, Field(gt=0)] = 3  # consecutive failures that open the breaker
+    cooldown_s: Annotated[float, Field(gt=0)] = 300  # open this long, then one half-open probe
+    probe_timeout_s: Annotated[float, Field(gt=0)] = 120  # a probe that never reports frees its slot after this
+
+
+class RoutingConfig(Strict):
+    default_tier: str = "fast"  # `auto` when no rule matches (first tier if this one is not configured)
+    rules: list[AutoRule] = Field(default_factory=list)
+    pin_header: Annotated[str, Field(pattern=r"^[a-z0-9-]+$")] = "x-tierserve-tier"
+    allow_paid: bool = False  # zero-budget mode: paid providers are never contacted
+    chars_per_token: Annotated[float, Field(gt=0)] = 4.0  # prompt size estimate when no count is given
+    scan_chars: Annotated[int, Field(gt=0)] = 8192  # rules read this much of the last user message (both ends)
+    retry_after_s: Annotated[int, Field(gt=0)] = 2  # Retry-After of a 429 (saturated)
+    unavailable_retry_after_s: Annotated[int, Field(gt=0)] = 10  # Retry-After of a 503 (no replica, cold)
+    breaker: BreakerConfig = BreakerConfig()
+
+
+class OverflowPolicy(Strict):
+    """When a request leaves a tier's local engines. Unset limits never trigger."""
+
+    max_queue_per_replica: Annotated[int, Field(gt=0)] | None = None  # ongoing requests per healthy replica
+    max_engine_waiting: Annotated[int, Field(ge=0)] | None = None  # vLLM's waiting count, summed over replicas
+    max_wait_s: Annotated[float, Field(gt=0)] | None = None  # against the caller's wait estimate
+    on_unavailable: Literal["fallback", "reject"] = "fallback"  # saturated or no healthy replica
+    cold_start: Literal["wait", "fallback"] = "wait"  # scaled to zero and warming up
+    max_cold_wait_s: Annotated[float, Field(gt=0)] = 120  # `wait`: then the next candidate is tried
+
+
+# Tier and AppConfig name the models above before they exist; resolve those references now.
+Tier.model_rebuild()
+AppConfig.model_rebuild()

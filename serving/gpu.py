@@ -16,7 +16,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -74,6 +74,19 @@ class GpuSnapshot:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # tuples become lists; every leaf is a JSON scalar
+
+    def merge(self, other: GpuSnapshot) -> GpuSnapshot:
+        """Two replicas' views of the same node: each knows only its own processes' tier, so per pid a
+        named tier wins over `other`."""
+        theirs = {g.uuid: {p.pid: p for p in g.processes} for g in other.gpus}
+        gpus = []
+        for gpu in self.gpus:
+            procs = {p.pid: p for p in gpu.processes}
+            for pid, proc in theirs.get(gpu.uuid, {}).items():
+                if pid not in procs or procs[pid].tier == OTHER_TIER:
+                    procs[pid] = proc
+            gpus.append(replace(gpu, processes=tuple(procs[pid] for pid in sorted(procs))))
+        return replace(self, gpus=tuple(gpus), available=self.available or other.available)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GpuSnapshot:

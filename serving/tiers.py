@@ -8,8 +8,11 @@ stream of SSE bytes out, every error in our one envelope.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,25 +22,40 @@ from pydantic import ValidationError
 
 from serving.config import Tier
 from serving.errors import APIError, from_validation_errors, from_vllm_error
+from serving.telemetry import engine_metrics_text
+from serving.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("chat", "completion")
 DONE = b"data: [DONE]\n\n"
+USAGE_CHUNK_PREFIX = 'data: {"id":'  # vLLM's chunks; the usage-only one has `"choices":[]`
 
 
 class Result:
-    """A non-streamed answer: status and the JSON body bytes (serialised once, in the replica)."""
+    """A non-streamed answer: status, the JSON body bytes (serialised once, in the replica), token usage."""
 
-    __slots__ = ("body", "status")
+    __slots__ = ("body", "completion_tokens", "prompt_tokens", "status")
 
-    def __init__(self, status: int, body: bytes) -> None:
+    def __init__(self, status: int, body: bytes, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         self.status = status
         self.body = body
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
 
     @classmethod
     def error(cls, exc: APIError) -> Result:
         return cls(exc.status, exc.json())
+
+
+class Usage:
+    """The last item of a stream: its token counts, for metrics and budgets (never sent to the client)."""
+
+    __slots__ = ("completion_tokens", "prompt_tokens")
+
+    def __init__(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
 
 
 def engine_args(tier: Tier, model_path: Path) -> Any:
@@ -79,6 +97,7 @@ class TierServer:
 
         self.tier_name = tier_name
         self.tier = tier
+        self.tracing = Tracing(f"tierserve-tier-{tier_name}")
         os.environ.update(tier.resources.env)
         model_path = resolve(tier.model, Path(cache_dir))
         log.info("tier %s: starting engine for %s", tier_name, model_path)
@@ -109,6 +128,8 @@ class TierServer:
             ),
         }
         self.request_types = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
+        self.replica_id = _replica_id()
+        self.gpus: Any = None  # GpuCollector, made on first use (NVML init once per replica)
 
     # -- request path -------------------------------------------------------------------------------
 
@@ -134,10 +155,11 @@ class TierServer:
             raise APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting")
         try:
             handler = self.serving[endpoint]
-            if endpoint == "chat":
-                result = await handler.create_chat_completion(request, None)
-            else:
-                result = await handler.create_completion(request, None)
+            with self.tracing.span("tierserve.engine", model=self.tier.served_name):
+                if endpoint == "chat":
+                    result = await handler.create_chat_completion(request, None)
+                else:
+                    result = await handler.create_completion(request, None)
         except APIError:
             raise
         except Exception as exc:  # vLLM raised instead of returning an ErrorResponse
@@ -157,18 +179,37 @@ class TierServer:
             error["message"] = f"tier {self.tier_name}: engine failure: {error.get('message')}"
         return from_vllm_error(error)
 
-    async def complete(self, endpoint: str, body: dict[str, Any]) -> Result:
+    async def complete(self, endpoint: str, body: dict[str, Any], trace: dict[str, str] | None = None) -> Result:
+        with self.tracing.span("tierserve.tier", parent=trace, tier=self.tier_name, endpoint=endpoint):
+            return await self._complete(endpoint, body)
+
+    async def _complete(self, endpoint: str, body: dict[str, Any]) -> Result:
         try:
             result = await self._start(endpoint, body)
         except APIError as exc:
             return Result.error(exc)
         if not hasattr(result, "model_dump"):  # a generator: the body asked for stream=true
             return Result.error(APIError(400, "stream=true must use the streaming path", param="stream"))
-        return Result(200, orjson.dumps(result.model_dump(exclude_none=True)))
+        usage = result.usage
+        return Result(
+            200, orjson.dumps(result.model_dump(exclude_none=True)), usage.prompt_tokens, usage.completion_tokens or 0
+        )
 
-    async def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[bytes | Result]:
-        """Yield an error Result alone, or SSE bytes. Chunks already produced are sent together, so a
-        busy engine costs fewer Ray object transfers without delaying any token."""
+    async def stream(
+        self, endpoint: str, body: dict[str, Any], trace: dict[str, str] | None = None
+    ) -> AsyncIterator[bytes | Result | Usage]:
+        with self.tracing.span("tierserve.tier", parent=trace, tier=self.tier_name, endpoint=endpoint, stream=True):
+            async for item in self._stream(endpoint, body):
+                yield item
+
+    async def _stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[bytes | Result | Usage]:
+        """Yield an error Result alone, or SSE bytes and then a Usage. Chunks already produced are sent
+        together, so a busy engine costs fewer Ray object transfers without delaying any token."""
+        options = body.get("stream_options")
+        client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        if options is None or isinstance(options, dict):
+            # Always ask vLLM for the final usage chunk: metrics and budgets count streamed tokens too.
+            body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
         try:
             result = await self._start(endpoint, body)
         except APIError as exc:
@@ -179,10 +220,16 @@ class TierServer:
             return
 
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        usage: list[Usage] = []
 
         async def pump() -> None:
             try:
                 async for chunk in result:
+                    if chunk.startswith(USAGE_CHUNK_PREFIX) and '"choices":[]' in chunk:
+                        counts = orjson.loads(chunk[6:])["usage"]
+                        usage.append(Usage(counts["prompt_tokens"], counts.get("completion_tokens") or 0))
+                        if not client_wants_usage:
+                            continue
                     queue.put_nowait(_translate_sse(chunk))
             except asyncio.CancelledError:
                 raise
@@ -202,22 +249,75 @@ class TierServer:
                 if data:
                     yield data
                 if ended:
+                    if usage:
+                        yield usage[-1]
                     return
         finally:
             # Client went away (or we finished): cancelling the generator aborts the request in vLLM.
             task.cancel()
 
-    # -- health -------------------------------------------------------------------------------------
+    # -- health and telemetry -----------------------------------------------------------------------
+
+    async def probe(self) -> float:
+        """Generate one token straight through the engine: proof of life that /health/ready can trust."""
+        from vllm import SamplingParams
+
+        start = time.perf_counter()
+        params = SamplingParams(max_tokens=1, temperature=0)
+        async for _ in self.engine.generate({"prompt": "ok"}, params, request_id=f"probe-{uuid.uuid4().hex}"):
+            pass
+        return time.perf_counter() - start
+
+    def engine_metrics(self) -> tuple[str, str]:
+        """(replica id, vLLM's own metrics of this replica's engine as exposition text)."""
+        from prometheus_client import REGISTRY
+
+        return self.replica_id, engine_metrics_text(REGISTRY)
+
+    def gpu_snapshot(self) -> dict[str, Any]:
+        """This node's GPUs, with the memory held by this replica's engine processes labelled as the tier."""
+        if self.gpus is None:
+            from serving.gpu import GpuCollector
+
+            self.gpus = GpuCollector(tier_of={os.getpid(): self.tier_name})
+        return self.gpus.snapshot().to_dict()
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising makes it replace the replica."""
         await self.engine.check_health()
 
     def __del__(self) -> None:
-        # Ray Serve calls __del__ on graceful replica shutdown: stop the engine's processes with it.
+        # Ray Serve calls __del__ on graceful replica shutdown (downscale, redeploy, stop): the engine's
+        # processes must go with the replica, or each scale-down leaks a worker holding GPU memory.
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.shutdown()
+            try:
+                engine.shutdown()
+            finally:
+                reap_children()
+
+
+def reap_children(grace_s: float = 5.0) -> None:
+    """Terminate, then kill, whatever processes this replica started and left behind."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica (direct use in tests or scripts)
+        return str(os.getpid())
 
 
 def _translate_sse(chunk: str) -> bytes:

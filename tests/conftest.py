@@ -11,16 +11,53 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+import yaml
+
+from serving.config import deep_merge
 
 ROOT = Path(__file__).resolve().parents[1]
-TIERS = ("coder", "reasoning", "fast")
+TIERS = ("coder", "reasoning", "fast")  # the tiers that must be up before tests start
+# The session app: the local profile plus what the autoscaling tests need, with short delays:
+# `fast` scales 1..2, and `spare` starts at zero replicas (a 4th engine, only while it is warm).
+# Ray counts 2 logical CPUs here: tiers at 0.25 each leave room for the extra `fast` and `spare` replicas
+# (4 x 0.25 + 0.25 more for fast + 0.25 ingress = 1.5), so scaling is never stuck waiting for resources.
+TEST_OVERLAY = {
+    "tiers": {
+        "coder": {"resources": {"cpus": 0.25}},
+        "reasoning": {"resources": {"cpus": 0.25},
+                      "replicas": {"keep_warm_hours": "00:00-00:00", "keep_warm_interval_s": 2}},
+        "fast": {"resources": {"cpus": 0.25},
+                 "replicas": {"min": 1, "max": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
+                              "downscale_delay_s": 15}},
+        "spare": {"served_name": "tiny-spare", "aliases": ["cold"], "model": {"tiny_seed": 4},
+                  "engine": {"max_model_len": 512, "dtype": "float32", "enforce_eager": True, "max_num_seqs": 32},
+                  "resources": {"gpus": 0, "cpus": 0.25, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+                  "replicas": {"min": 0, "max": 1, "initial": 0, "target_ongoing_requests": 1,
+                               "upscale_delay_s": 0, "downscale_delay_s": 20}},
+    }
+}
+
+
+def write_test_config(directory: Path) -> Path:
+    data = yaml.safe_load((ROOT / "models.yaml").read_text())
+    data["profiles"]["test"] = deep_merge(data["profiles"]["local"], TEST_OVERLAY)
+    path = directory / "models.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def app_config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_test_config(tmp_path_factory.mktemp("config"))
 START_TIMEOUT_S = 420
 ENGINE_MARKERS = ("VLLM::", "EngineCore", "ServeReplica:tierserve", "ray::", "raylet", "gcs_server")
 
@@ -45,6 +82,8 @@ def engine_processes() -> list[psutil.Process]:
     for proc in psutil.process_iter(["cmdline", "name"]):
         try:
             text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue  # already dead; only unreaped because PID 1 in this sandbox doesn't reap
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if any(marker in text for marker in ENGINE_MARKERS):
@@ -73,14 +112,57 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> float:
     return time.monotonic() - start
 
 
+class OtlpReceiver:
+    """A real OTLP/HTTP endpoint on loopback that keeps every export request body it receives."""
+
+    def __init__(self) -> None:
+        bodies = self.bodies = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                bodies.append((self.path, self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self) -> list:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        out = []
+        for path, body in list(self.bodies):
+            if path == "/v1/traces":
+                request = ExportTraceServiceRequest.FromString(body)
+                for rs in request.resource_spans:
+                    for ss in rs.scope_spans:
+                        out.extend(ss.spans)
+        return out
+
+
 @pytest.fixture(scope="session")
-def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory: pytest.TempPathFactory, app_config_path: Path, otlp: OtlpReceiver) -> Iterator[str]:
     assert not engine_processes(), "engine or Ray processes already running; stop them before the tests"
     port = free_port()
     log_path = tmp_path_factory.mktemp("app") / "tierserve-up.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Tracing on, exported to the test's receiver quickly (the exporter's default batch delay is 5 s).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url,
+           "OTEL_BSP_SCHEDULE_DELAY": "200"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(Path(sys.executable).with_name("tierserve")), "up", "--port", str(port), "--profile", "local"]
+    cmd = [str(Path(sys.executable).with_name("tierserve")), "up", "--port", str(port),
+           "--config", str(app_config_path), "--profile", "test"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

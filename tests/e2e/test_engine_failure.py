@@ -50,3 +50,29 @@ def test_engine_death_is_a_5xx_then_the_tier_recovers(app_url: str) -> None:
         # The other tiers were never affected.
         for tier in ("coder", "fast"):
             assert http.post("/v1/completions", json={**BODY, "model": tier}).status_code == 200
+
+
+def replica_process(tier: str) -> psutil.Process:
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(f"ServeReplica:tierserve:tier-{tier}" in part for part in proc.info["cmdline"] or []):
+            return proc
+    raise LookupError(f"no replica process for tier {tier}")
+
+
+@pytest.mark.disruptive
+def test_readiness_fails_when_a_replica_dies_and_recovers(app_url: str) -> None:
+    with httpx.Client(base_url=app_url, timeout=60) as http:
+        assert http.get("/health/ready").status_code == 200
+        replica_process("coder").send_signal(signal.SIGKILL)
+        seen = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            r = http.get("/health/ready")
+            state = r.json()["tiers"]["coder"]["state"]
+            seen.append((r.status_code, state))
+            if seen[-1] == (200, "ready") and (503, "failing") in seen:
+                break
+            time.sleep(2)
+        assert (503, "failing") in seen, seen[:5]
+        assert seen[-1] == (200, "ready"), seen[-5:]
+        assert http.post("/v1/completions", json={**BODY, "model": "coder"}).status_code == 200

@@ -1,0 +1,80 @@
+"""What the tier replicas report about themselves: replica counts, engine metrics, GPU readings.
+
+Fan-outs never wake a tier that is scaled to zero (a call through its handle would start a replica), and
+never wait on a tier longer than FANOUT_TIMEOUT_S. A call reaches one replica per tier; with several
+replicas per tier, Ray's own metrics endpoint (deployments/monitoring/prometheus.yml) has every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prometheus_client.core import Metric
+
+from serving.config import AppConfig
+from serving.gpu import GpuSnapshot
+from serving.telemetry import RequestMetrics, relabel, waiting_requests
+
+FANOUT_TIMEOUT_S = 5.0
+
+
+class Fleet:
+    def __init__(self, config: AppConfig, tiers: dict[str, Any], app_name: str) -> None:
+        self.config = config
+        self.tiers = tiers
+        self.app_name = app_name
+        self.engine_families: list[Metric] = []
+        self.gpu_snapshots: list[GpuSnapshot] = []
+
+    def scales_to_zero(self, tier: str) -> bool:
+        return self.config.tiers[tier].replicas.min == 0
+
+    async def running_replicas(self, tier: str) -> int | None:
+        """RUNNING replicas of a tier according to the Serve controller (None if it can't be asked)."""
+        from ray import serve
+
+        try:
+            status = await asyncio.to_thread(serve.status)
+            states = status.applications[self.app_name].deployments[f"tier-{tier}"].replica_states
+        except Exception:
+            return None
+        return int(states.get("RUNNING", 0))
+
+    async def awake_tiers(self) -> list[str]:
+        names = list(self.config.tiers)
+        cold = [t for t in names if self.scales_to_zero(t)]
+        counts = dict(zip(cold, await asyncio.gather(*(self.running_replicas(t) for t in cold)), strict=True))
+        return [t for t in names if t not in counts or counts[t]]
+
+    async def fanout(self, method: str) -> dict[str, Any]:
+        tiers = await self.awake_tiers()
+        calls = [asyncio.wait_for(getattr(self.tiers[t], method).remote(), FANOUT_TIMEOUT_S) for t in tiers]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return {t: r for t, r in zip(tiers, results, strict=True) if not isinstance(r, BaseException)}
+
+    async def refresh_engine_metrics(self, metrics: RequestMetrics) -> None:
+        families: list[Metric] = []
+        for tier, (replica, text) in (await self.fanout("engine_metrics")).items():
+            metrics.queue_depth.labels(tier).set(waiting_requests(text))
+            families.extend(relabel(text, {"tier": tier, "replica": replica}))
+        self.engine_families = families
+
+    async def refresh_gpus(self) -> list[GpuSnapshot]:
+        """One snapshot per node; the processes of tiers sharing a node are merged into it."""
+        by_node: dict[str, GpuSnapshot] = {}
+        for raw in (await self.fanout("gpu_snapshot")).values():
+            snap = GpuSnapshot.from_dict(raw)
+            by_node[snap.node] = by_node[snap.node].merge(snap) if snap.node in by_node else snap
+        self.gpu_snapshots = list(by_node.values())
+        return self.gpu_snapshots
+
+
+class ListCollector:
+    """A prometheus_client collector exporting whatever families a callable returns at scrape time."""
+
+    def __init__(self, families: Any) -> None:
+        self.families = families
+
+    def collect(self) -> Any:
+        return iter(self.families())

@@ -1,0 +1,126 @@
+"""Request metrics per tier and provider, and the re-export of each engine's own vLLM metrics.
+
+Labels are bounded by configuration (tiers, providers, endpoints, statuses, reasons): nothing per request.
+Each request costs a handful of metric operations at its start and end, none per streamed token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+LOCAL = "local"  # provider label of requests served by a local tier
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
+# vLLM's engine metrics worth re-exporting per tier (queue, running, KV cache, its own token counters).
+ENGINE_METRIC_PREFIX = "vllm:"
+
+
+class RequestMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "tierserve_requests", "Requests by outcome", ["tier", "provider", "endpoint", "status"], registry=registry
+        )
+        self.duration = Histogram(
+            "tierserve_request_duration_seconds", "End-to-end request latency", ["tier", "provider", "endpoint"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.ttft = Histogram(
+            "tierserve_time_to_first_token_seconds", "Time to first streamed chunk", ["tier", "provider"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.itl = Histogram(
+            "tierserve_inter_token_latency_seconds", "Mean inter-token latency of each streamed request",
+            ["tier", "provider"], buckets=TOKEN_LATENCY_BUCKETS, registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "tierserve_prompt_tokens", "Prompt tokens", ["tier", "provider"], registry=registry
+        )
+        self.completion_tokens = Counter(
+            "tierserve_completion_tokens", "Completion tokens", ["tier", "provider"], registry=registry
+        )
+        self.in_flight = Gauge("tierserve_requests_in_flight", "Requests being served", ["tier"], registry=registry)
+        self.queue_depth = Gauge(
+            "tierserve_queue_depth", "Requests waiting in the tier's engines (vLLM's waiting count)", ["tier"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "tierserve_fallbacks", "Requests sent away from their tier, by reason", ["tier", "reason"],
+            registry=registry,
+        )
+        self.cost = Counter("tierserve_cost_usd", "Spend in US dollars", ["provider"], registry=registry)
+
+    def begin(self, tier: str, endpoint: str, provider: str = LOCAL) -> RequestRecord:
+        self.in_flight.labels(tier).inc()
+        return RequestRecord(self, tier, provider, endpoint)
+
+
+@dataclass
+class RequestRecord:
+    """One request's measurements; `finish` is called exactly once, whatever happened."""
+
+    metrics: RequestMetrics
+    tier: str
+    provider: str
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    first_chunk: float | None = None
+    done: bool = False
+
+    def first(self) -> None:
+        self.first_chunk = time.perf_counter()
+        self.metrics.ttft.labels(self.tier, self.provider).observe(self.first_chunk - self.started)
+
+    def finish(self, status: int | str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        if self.done:
+            return
+        self.done = True
+        now = time.perf_counter()
+        m = self.metrics
+        m.in_flight.labels(self.tier).dec()
+        m.requests.labels(self.tier, self.provider, self.endpoint, str(status)).inc()
+        m.duration.labels(self.tier, self.provider, self.endpoint).observe(now - self.started)
+        if prompt_tokens:
+            m.prompt_tokens.labels(self.tier, self.provider).inc(prompt_tokens)
+        if completion_tokens:
+            m.completion_tokens.labels(self.tier, self.provider).inc(completion_tokens)
+        if self.first_chunk is not None and completion_tokens > 1:
+            m.itl.labels(self.tier, self.provider).observe((now - self.first_chunk) / (completion_tokens - 1))
+
+
+def engine_metrics_text(registry: CollectorRegistry) -> str:
+    """The vLLM families of a tier replica's registry, as exposition text (called in the replica)."""
+    from prometheus_client import generate_latest
+
+    text = generate_latest(registry).decode()
+    keep, block = [], False
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            block = line.split()[2].startswith(ENGINE_METRIC_PREFIX)
+        if block or line.startswith(ENGINE_METRIC_PREFIX):
+            keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
+def relabel(text: str, labels: dict[str, str]) -> Iterable[Metric]:
+    """Parse a replica's engine metrics and add tier/replica labels so replicas never collide."""
+    for family in text_string_to_metric_families(text):
+        out = Metric(family.name, family.documentation, family.type, family.unit)
+        for sample in family.samples:
+            out.add_sample(sample.name, {**sample.labels, **labels}, sample.value, sample.timestamp)
+        yield out
+
+
+def waiting_requests(text: str) -> float:
+    """vLLM's queue of one replica: the sum of `vllm:num_requests_waiting` samples."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "vllm:num_requests_waiting":
+            total += sum(s.value for s in family.samples)
+    return total

@@ -1,0 +1,202 @@
+"""Metrics, readiness, GPU readings and autoscaling against the real app."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.dashboard import missing_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+MESSAGES = [{"role": "user", "content": "count the tokens"}]
+
+
+def scrape(http: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = http.get("/metrics")
+    assert r.status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def http(app_url: str) -> httpx.Client:
+    with httpx.Client(base_url=app_url, timeout=120) as c:
+        yield c
+
+
+def test_metrics_count_exactly_what_was_served(http: httpx.Client, app_url: str) -> None:
+    before = scrape(http)
+    client = openai.OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0)
+    prompt_tokens = completion_tokens = 0
+    for _ in range(3):
+        r = client.chat.completions.create(model="coder", messages=MESSAGES, max_tokens=5,
+                                           extra_body={"min_tokens": 5})
+        prompt_tokens += r.usage.prompt_tokens
+        completion_tokens += r.usage.completion_tokens
+    for include_usage in (True, False):  # usage is counted even when the client didn't ask for it
+        chunks = list(client.chat.completions.create(
+            model="coder", messages=MESSAGES, max_tokens=4, stream=True, extra_body={"min_tokens": 4},
+            stream_options={"include_usage": include_usage},
+        ))
+        assert any(c.usage for c in chunks) == include_usage
+        prompt_tokens += r.usage.prompt_tokens  # same prompt, same count
+        completion_tokens += 4
+    assert http.post("/v1/chat/completions", json={"model": "nope", "messages": MESSAGES}).status_code == 404
+    after = scrape(http)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    ok = {"tier": "coder", "provider": "local", "endpoint": "chat", "status": "200"}
+    assert delta("tierserve_requests_total", **ok) == 5
+    assert delta("tierserve_requests_total", tier="none", provider="local", endpoint="chat", status="404") == 1
+    assert delta("tierserve_prompt_tokens_total", tier="coder", provider="local") == prompt_tokens
+    assert delta("tierserve_completion_tokens_total", tier="coder", provider="local") == completion_tokens == 23
+    labels = {"tier": "coder", "provider": "local", "endpoint": "chat"}
+    assert delta("tierserve_request_duration_seconds_count", **labels) == 5
+    assert delta("tierserve_request_duration_seconds_sum", **labels) > 0
+    assert delta("tierserve_time_to_first_token_seconds_count", tier="coder", provider="local") == 2
+    assert delta("tierserve_inter_token_latency_seconds_count", tier="coder", provider="local") == 2
+    assert value(after, "tierserve_requests_in_flight", tier="coder") == 0
+    assert ("tierserve_queue_depth", (("tier", "coder"),)) in after
+    assert value(after, "tierserve_gpu_available", node=next(
+        dict(k[1])["node"] for k in after if k[0] == "tierserve_gpu_available")) == 0  # no GPU here
+    # vLLM's own engine metrics, per tier, not re-derived.
+    engine = [k for k in after if k[0].startswith("vllm:") and dict(k[1]).get("tier") == "coder"]
+    assert any(k[0] == "vllm:num_requests_waiting" for k in engine)
+    assert any(k[0] == "vllm:kv_cache_usage_perc" for k in engine)
+
+
+def test_dashboard_queries_only_exported_metrics(http: httpx.Client) -> None:
+    text = http.get("/metrics").text
+    assert missing_metrics(ROOT / "deployments/monitoring/grafana-dashboard.json", text) == set()
+
+
+def test_readiness_proves_generation(http: httpx.Client) -> None:
+    r = http.get("/health/ready")
+    assert r.status_code == 200, r.text
+    tiers = r.json()["tiers"]
+    for tier in ("coder", "reasoning", "fast"):
+        assert tiers[tier]["state"] == "ready" and tiers[tier]["latency_s"] > 0
+        assert tiers[tier]["replicas"] >= 1
+    assert tiers["spare"]["state"] in ("cold", "ready")
+
+
+def test_gpu_health_without_a_gpu(http: httpx.Client) -> None:
+    nodes = http.get("/health/gpus").json()["nodes"]
+    assert len(nodes) == 1  # three tiers, one node: merged
+    assert nodes[0]["available"] is False and nodes[0]["gpus"] == [] and nodes[0]["error"]
+
+
+def wait_for(predicate, timeout_s: float, every_s: float = 2.0) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"condition not met within {timeout_s}s")
+        time.sleep(every_s)
+    return time.monotonic() - start
+
+
+def tier_state(http: httpx.Client, tier: str) -> dict:
+    return http.get("/health/ready").json()["tiers"][tier]
+
+
+def test_scale_to_zero_tier_serves_after_cold_start_then_goes_cold(http: httpx.Client) -> None:
+    wait_for(lambda: tier_state(http, "spare")["state"] == "cold", 120)
+    assert tier_state(http, "spare")["replicas"] == 0
+    start = time.monotonic()
+    r = http.post("/v1/completions", json={"model": "cold", "prompt": "wake up", "max_tokens": 3, "min_tokens": 3},
+                  timeout=300)
+    cold_start = time.monotonic() - start
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "tiny-spare" and r.json()["usage"]["completion_tokens"] == 3
+    print(f"\n[tierserve] spare tier cold start served in {cold_start:.1f}s")
+    assert tier_state(http, "spare")["replicas"] == 1
+    took = wait_for(lambda: tier_state(http, "spare")["state"] == "cold", 180)
+    print(f"[tierserve] spare tier back to zero replicas {took:.1f}s after its request")
+
+
+def test_tier_scales_up_under_load_and_back_down(http: httpx.Client, app_url: str) -> None:
+    assert tier_state(http, "fast")["replicas"] == 1
+    stop = time.monotonic() + 240
+
+    async def load() -> tuple[int, int]:
+        ok = failed = 0
+        async with httpx.AsyncClient(base_url=app_url, timeout=120) as client:
+            async def worker() -> None:
+                nonlocal ok, failed
+                while time.monotonic() < stop and tier_state_cache["replicas"] < 2:
+                    r = await client.post("/v1/completions", json={
+                        "model": "fast", "prompt": "go", "max_tokens": 200, "min_tokens": 200})
+                    ok, failed = (ok + 1, failed) if r.status_code == 200 else (ok, failed + 1)
+
+            async def watch() -> None:
+                while time.monotonic() < stop and tier_state_cache["replicas"] < 2:
+                    await asyncio.sleep(3)
+                    r = await client.get("/health/ready")
+                    tier_state_cache["replicas"] = r.json()["tiers"]["fast"]["replicas"] or 0
+
+            await asyncio.gather(watch(), *(worker() for _ in range(8)))
+        return ok, failed
+
+    tier_state_cache = {"replicas": 1}
+    started = time.monotonic()
+    ok, failed = asyncio.run(load())
+    print(f"\n[tierserve] fast tier reached {tier_state_cache['replicas']} replicas after "
+          f"{time.monotonic() - started:.1f}s of load ({ok} requests served, {failed} failed)")
+    assert tier_state_cache["replicas"] == 2
+    assert failed == 0
+    took = wait_for(lambda: tier_state(http, "fast")["replicas"] == 1, 180)
+    print(f"[tierserve] fast tier back to 1 replica {took:.1f}s after the load stopped")
+    assert http.post("/v1/completions", json={"model": "fast", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_trace_spans_cover_the_request_path(http: httpx.Client, otlp) -> None:
+    r = http.post("/v1/chat/completions", json={"model": "reasoning", "messages": MESSAGES, "max_tokens": 2})
+    assert r.status_code == 200
+    wanted = {"tierserve.ingress", "tierserve.route", "tierserve.tier", "tierserve.engine"}
+
+    def traced() -> bool:
+        spans = otlp.spans()
+        by_trace: dict[bytes, set[str]] = {}
+        for span in spans:
+            by_trace.setdefault(span.trace_id, set()).add(span.name)
+        return any(names >= wanted for names in by_trace.values())
+
+    wait_for(traced, 30, every_s=0.5)  # one trace holds all four spans: the context crossed the Ray handle
+    tier_spans = [s for s in otlp.spans() if s.name == "tierserve.tier"]
+    attrs = {kv.key: kv.value.string_value for kv in tier_spans[-1].attributes}
+    assert attrs["tier"] in ("coder", "fast", "reasoning", "spare")
+
+
+def test_gpus_command_prints_the_appliance_nodes(app_url: str) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([str(Path(sys.executable).with_name("tierserve")), "gpus", "--url", app_url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "NVML unavailable" in out.stdout and "node" in out.stdout
+
+
+def test_keep_warm_pings_reach_the_engine_without_client_traffic(http: httpx.Client) -> None:
+    def engine_requests() -> float:
+        return sum(v for (name, labels), v in scrape(http).items()
+                   if name == "vllm:request_success_total" and dict(labels).get("tier") == "reasoning")
+
+    before = engine_requests()
+    time.sleep(7)  # the test profile pings `reasoning` every 2 s, all day
+    assert engine_requests() - before >= 2
