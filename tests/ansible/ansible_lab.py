@@ -1,0 +1,267 @@
+"""A throwaway network of real Debian hosts on this machine, for running the playbook for real.
+
+Topology (every address lives inside namespaces created here):
+
+    <tag>-ctl  10.77.0.10  the Ansible controller (ansible-playbook runs inside this namespace)
+    <tag>-gpu  10.77.0.1   booted systemd-nspawn container (Debian bookworm), the GPU node stand-in
+    <tag>-agt  10.77.0.2   booted systemd-nspawn container, the agent VM
+    <tag>-out  10.77.0.3   a plain namespace that is not a WireGuard peer
+    <tag>-lan              a bridge joining the four (the "underlay": a cloud LAN or the internet)
+
+The containers boot systemd (PID 1 of this machine is not systemd, a booted container is) and run
+sshd, so Ansible reaches them exactly as it reaches a VM. The kernel has no WireGuard module; the
+containers get /dev/net/tun and wg-quick falls back to wireguard-go.
+
+The Debian root filesystem is built once with debootstrap and cached (TIERSERVE_TEST_CACHE, default
+/var/cache/tierserve-test); each run boots copies of it and deletes them afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUITE = "bookworm"
+# Everything the roles install must already be in the image: the containers have no route to a mirror.
+PACKAGES = (
+    "systemd,systemd-sysv,dbus,python3,python3-apt,openssh-server,iproute2,procps,ca-certificates,curl,"
+    "python3-venv,acl,wireguard-tools,wireguard-go,nftables"
+)
+CACHE = Path(os.environ.get("TIERSERVE_TEST_CACHE", "/var/cache/tierserve-test"))
+UNDERLAY = "10.77.0"
+HOSTS = {"gpu": f"{UNDERLAY}.1", "agt": f"{UNDERLAY}.2", "out": f"{UNDERLAY}.3", "ctl": f"{UNDERLAY}.10"}
+CONTAINERS = ("gpu", "agt")
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, check=False, timeout=timeout, text=True, capture_output=True, **kw)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)!r} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def debian_mirror() -> str:
+    """The mirror apt on this machine already uses for Debian's main archive."""
+    if env := os.environ.get("TIERSERVE_TEST_MIRROR"):
+        return env
+    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in files:
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        for stanza in re.split(r"\n\s*\n", text):  # deb822: URIs + Suites + Components
+            uris = re.search(r"(?mi)^URIs:\s*(\S+)", stanza)
+            suites = re.search(r"(?mi)^Suites:(.*)$", stanza)
+            if uris and suites and SUITE in suites.group(1).split() and "main" in stanza:
+                return uris.group(1)
+        for m in re.finditer(r"(?m)^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)\s+.*\bmain\b", text):
+            if m.group(2) == SUITE:
+                return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def rootfs() -> Path:
+    """The cached container image; built with debootstrap on first use (about 90 s and 340 MB)."""
+    key = hashlib.sha256(f"{SUITE} {PACKAGES}".encode()).hexdigest()[:12]
+    target = CACHE / f"rootfs-{SUITE}-{key}"
+    if (target / ".complete").exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="build-", dir=CACHE))
+    try:
+        run(
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={PACKAGES}",
+            SUITE,
+            str(staging),
+            debian_mirror(),
+            timeout=1200,
+        )
+        # The image must not keep the build host's identity; each copy gets its own below.
+        (staging / "etc/machine-id").write_text("")
+        (staging / ".complete").write_text(PACKAGES + "\n")
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@dataclass
+class Lab:
+    workdir: Path
+    tag: str = field(default_factory=lambda: "ts" + secrets.token_hex(2))
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> Path:
+        return self.workdir / "id_ed25519"
+
+    def ns(self, name: str) -> str:
+        return f"{self.tag}-{name}"
+
+    def nsexec(self, name: str, *cmd: str, check: bool = True, timeout: float = 120):
+        return run("ip", "netns", "exec", self.ns(name), *cmd, check=check, timeout=timeout)
+
+    # ---- setup -------------------------------------------------------------------------------
+    def build_network(self) -> None:
+        lan = self.ns("lan")
+        for name in ("lan", *HOSTS):
+            run("ip", "netns", "add", self.ns(name))
+            self.namespaces.append(self.ns(name))
+            run("ip", "-n", self.ns(name), "link", "set", "lo", "up")
+        run("ip", "-n", lan, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", lan, "link", "set", "br0", "up")
+        for name, addr in HOSTS.items():
+            inner, outer = f"{self.tag}{name}0", f"{self.tag}{name}1"
+            run("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
+            run("ip", "link", "set", inner, "netns", self.ns(name))
+            run("ip", "link", "set", outer, "netns", lan)
+            run("ip", "-n", self.ns(name), "link", "set", inner, "name", "eth0")
+            run("ip", "-n", self.ns(name), "addr", "add", f"{addr}/24", "dev", "eth0")
+            run("ip", "-n", self.ns(name), "link", "set", "eth0", "up")
+            run("ip", "-n", lan, "link", "set", outer, "master", "br0")
+            run("ip", "-n", lan, "link", "set", outer, "up")
+
+    def prepare_container(self, name: str, image: Path) -> Path:
+        root = self.workdir / name
+        run("cp", "-a", "--reflink=auto", str(image), str(root), timeout=300)
+        (root / "etc/hostname").write_text(f"{name}\n")
+        (root / "etc/machine-id").write_text(secrets.token_hex(16) + "\n")
+        ssh = root / "root/.ssh"
+        ssh.mkdir(mode=0o700, exist_ok=True)
+        (ssh / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
+        (ssh / "authorized_keys").chmod(0o600)
+        return root
+
+    def boot(self, name: str, root: Path) -> None:
+        log = open(self.workdir / f"{name}.console.log", "wb")
+        env = dict(os.environ, SYSTEMD_NSPAWN_LOCK="0")
+        self.procs[name] = subprocess.Popen(
+            [
+                "systemd-nspawn",
+                "--quiet",
+                "--register=no",
+                "--keep-unit",
+                "-b",
+                "--console=pipe",
+                f"--network-namespace-path=/run/netns/{self.ns(name)}",
+                "-D",
+                str(root),
+                f"--machine={self.ns(name)}",
+                "--hostname",
+                name,
+                "--bind=/dev/net/tun",
+                "--capability=CAP_NET_ADMIN",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    def wait_ssh(self, name: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"container {name} exited: {self.console(name)[-3000:]}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if self.ssh(name, "true", check=False, timeout=30).returncode == 0:
+                    return
+            time.sleep(1)
+        raise TimeoutError(f"no SSH on {name} after {timeout}s: {self.console(name)[-3000:]}")
+
+    def start(self) -> None:
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key))
+        image = rootfs()
+        self.build_network()
+        for name in CONTAINERS:
+            self.boot(name, self.prepare_container(name, image))
+        for name in CONTAINERS:
+            self.wait_ssh(name)
+
+    # ---- use ---------------------------------------------------------------------------------
+    def console(self, name: str) -> str:
+        path = self.workdir / f"{name}.console.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def ssh(self, name: str, command: str, check: bool = True, timeout: float = 60):
+        return self.nsexec(
+            "ctl",
+            "ssh",
+            "-i",
+            str(self.key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=20",
+            "-o",
+            "ConnectionAttempts=3",
+            f"root@{HOSTS[name]}",
+            command,
+            check=check,
+            timeout=timeout,
+        )
+
+    def tcp_open(self, src: str, host: str, port: int, timeout: float = 3.0) -> bool:
+        """Whether a TCP connection from namespace `src` to host:port completes."""
+        probe = (
+            "import socket,sys\n"
+            "try:\n"
+            f"    socket.create_connection(({host!r}, {port}), timeout={timeout}).close()\n"
+            "except OSError:\n"
+            "    sys.exit(1)\n"
+        )
+        return self.nsexec(src, sys.executable, "-c", probe, check=False, timeout=timeout + 10).returncode == 0
+
+    # ---- teardown ----------------------------------------------------------------------------
+    def stop(self, keep_logs: Path | None = None) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                # systemd-nspawn turns SIGTERM into an orderly poweroff of the container.
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        if keep_logs is not None:
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            for name in CONTAINERS:
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.copy(self.workdir / f"{name}.console.log", keep_logs / f"{name}.console.log")
+        for name in reversed(self.namespaces):
+            run("ip", "netns", "del", name, check=False)
+        for name in CONTAINERS:
+            shutil.rmtree(self.workdir / name, ignore_errors=True)
+
+
+def free_of_leftovers(tag: str) -> bool:
+    """True when no namespace or veth of this lab is left on the machine."""
+    netns = run("ip", "netns", "list", check=False).stdout
+    links = run("ip", "-o", "link", "show", check=False).stdout
+    return tag not in netns and tag not in links
