@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving.config import AppConfig, Settings, Tier, load_config
+from serving.fallback import FallbackServer
 from serving.ingress import Ingress, api
 from serving.tiers import TierServer
 
@@ -63,15 +64,22 @@ def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
     return serve.deployment(TierServer).options(**options).bind(name, tier, str(cache_dir))
 
 
-def build(config: AppConfig, cache_dir: Path) -> Application:
+def build(config: AppConfig, cache_dir: Path, state_dir: Path) -> Application:
     tiers = {name: tier_deployment(name, tier, cache_dir) for name, tier in config.tiers.items()}
+    fallback = None
+    if config.providers:
+        # One replica: breakers and budgets are this process's state (budgets persisted in SQLite).
+        fallback = serve.deployment(FallbackServer).options(
+            name="fallback", num_replicas=1, max_ongoing_requests=config.ingress.max_ongoing_requests,
+            ray_actor_options={"num_cpus": 0},
+        ).bind(config, str(state_dir))
     ingress = serve.deployment(serve.ingress(api)(Ingress)).options(
         name="ingress",
         num_replicas=config.ingress.replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.cpus},
     )
-    return ingress.bind(config, tiers)
+    return ingress.bind(config, tiers, fallback)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -81,4 +89,4 @@ def build_app(args: dict[str, Any]) -> Application:
     config = load_config(path, parsed.profile or settings.profile)
     cache_dir = Path(parsed.cache_dir).expanduser() if parsed.cache_dir else settings.cache_dir
     log.info("tierserve: profile %s from %s, tiers %s", config.profile, path, ", ".join(config.tiers))
-    return build(config, cache_dir)
+    return build(config, cache_dir, settings.state_dir)

@@ -8,15 +8,19 @@ replicas per tier, Ray's own metrics endpoint (deployments/monitoring/prometheus
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from prometheus_client.core import Metric
 
 from serving.config import AppConfig
 from serving.gpu import GpuSnapshot
+from serving.router import ProviderState, TierState
 from serving.telemetry import RequestMetrics, relabel, waiting_requests
 
+log = logging.getLogger(__name__)
 FANOUT_TIMEOUT_S = 5.0
+STATE_TTL_S = 1.0  # replica counts and provider states the router sees are at most this old
 
 
 class Fleet:
@@ -26,12 +30,70 @@ class Fleet:
         self.app_name = app_name
         self.engine_families: list[Metric] = []
         self.gpu_snapshots: list[GpuSnapshot] = []
+        # What the router reads on every request: refreshed in the background, never awaited on the hot path.
+        self.replicas: dict[str, int] = {}
+        self.waiting: dict[str, int] = {}
+        self.providers: dict[str, ProviderState] = {}
+        self.fallback: Any = None
+        self.refreshing: asyncio.Task[None] | None = None
+
+    def tier_states(self, ongoing: dict[str, int]) -> dict[str, TierState]:
+        out = {}
+        for name, tier in self.config.tiers.items():
+            running = self.replicas.get(name)  # None until the first refresh: assumed available
+            out[name] = TierState(
+                healthy_replicas=running,
+                ongoing=ongoing.get(name, 0),
+                engine_waiting=self.waiting.get(name),
+                cold=tier.replicas.min == 0 and running == 0,
+            )
+        return out
+
+    def provider_states(self) -> dict[str, ProviderState]:
+        return self.providers
+
+    def start_refresher(self, fallback: Any) -> None:
+        """Keep the router's view (replica counts, provider states) at most STATE_TTL_S old, whatever the
+        traffic: a replica that died is out of the candidates within a second."""
+        self.fallback = fallback
+        if self.refreshing is None:
+            self.refreshing = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self.refresh_states()
+            await asyncio.sleep(STATE_TTL_S)
+
+    def refresh_soon(self) -> None:
+        """A provider call just changed breaker or budget state: don't let the router act on the old one."""
+        if self.refreshing is not None:
+            asyncio.get_running_loop().create_task(self.refresh_states())
+
+    async def refresh_states(self) -> None:
+        from ray import serve
+
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[self.app_name].deployments
+            self.replicas = {
+                name: int(deployments[f"tier-{name}"].replica_states.get("RUNNING", 0)) for name in self.config.tiers
+            }
+        except Exception as exc:  # the controller is busy or restarting: keep the last known counts
+            log.debug("replica counts unavailable: %s", exc)
+        if self.fallback is not None:
+            try:
+                self.providers = await asyncio.wait_for(self.fallback.states.remote(), FANOUT_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("provider states unavailable: %s", exc)
 
     def scales_to_zero(self, tier: str) -> bool:
         return self.config.tiers[tier].replicas.min == 0
 
     async def running_replicas(self, tier: str) -> int | None:
-        """RUNNING replicas of a tier according to the Serve controller (None if it can't be asked)."""
+        """RUNNING replicas of a tier according to the Serve controller (None if it can't be asked); the
+        refresher's count when it runs, so health checks and fan-outs add no controller calls."""
+        if tier in self.replicas:
+            return self.replicas[tier]
         from ray import serve
 
         try:
@@ -56,7 +118,8 @@ class Fleet:
     async def refresh_engine_metrics(self, metrics: RequestMetrics) -> None:
         families: list[Metric] = []
         for tier, (replica, text) in (await self.fanout("engine_metrics")).items():
-            metrics.queue_depth.labels(tier).set(waiting_requests(text))
+            self.waiting[tier] = int(waiting_requests(text))
+            metrics.queue_depth.labels(tier).set(self.waiting[tier])
             families.extend(relabel(text, {"tier": tier, "replica": replica}))
         self.engine_families = families
 

@@ -29,6 +29,7 @@ from serving.errors import APIError, from_validation_errors
 from serving.fleet import Fleet, ListCollector
 from serving.gpu import SnapshotCollector
 from serving.health import ReadinessProber
+from serving.router import Decision, ProviderState, Router, facts_from_body
 from serving.telemetry import LOCAL, RequestMetrics, RequestRecord
 from serving.tiers import Result, Usage
 from serving.tracing import Tracing
@@ -92,9 +93,11 @@ api = build_fastapi()
 class Ingress:
     """Holds the tier handles; `serving.app` wraps it with serve.deployment + serve.ingress(api)."""
 
-    def __init__(self, config: AppConfig, tiers: dict[str, Any]) -> None:
+    def __init__(self, config: AppConfig, tiers: dict[str, Any], fallback: Any = None) -> None:
         self.config = config
         self.tiers = tiers
+        self.fallback = fallback  # the provider deployment's handle; None when no provider is configured
+        self.router = Router(config)
         self.names = config.model_names()
         self.created = int(time.time())
         self.fleet = Fleet(config, tiers, _app_name())
@@ -107,8 +110,6 @@ class Ingress:
             name: (parse_window(kw[0]), kw[1]) for name, t in config.tiers.items() if (kw := t.replicas.keep_warm())
         }
         self.keep_warm_task: asyncio.Task[None] | None = None
-        with contextlib.suppress(RuntimeError):  # no loop yet: started on the first request instead
-            self.start_keep_warm()
         self.prober = ReadinessProber(
             probe=lambda tier: self.tiers[tier].probe.remote(),
             running_replicas=self.fleet.running_replicas,
@@ -116,8 +117,12 @@ class Ingress:
             cache_s=config.ingress.ready_cache_s,
             timeout_s=config.ingress.ready_timeout_s,
         )
+        with contextlib.suppress(RuntimeError):  # no loop yet: started on the first request instead
+            self.start_background()
 
-    def start_keep_warm(self) -> None:
+    def start_background(self) -> None:
+        """The router's state refresher and the keep-warm pings; needs the replica's event loop."""
+        self.fleet.start_refresher(self.fallback)
         if self.keep_warm and self.keep_warm_task is None:
             loop = asyncio.get_running_loop()
             self.keep_warm_task = loop.create_task(keep_warm_loop(self.keep_warm, self.prober.probe))
@@ -136,6 +141,13 @@ class Ingress:
     @api.get("/health/gpus")
     async def gpus(self) -> dict[str, Any]:
         return {"nodes": [s.to_dict() for s in await self.fleet.refresh_gpus()]}
+
+    @api.get("/health/providers")
+    async def providers(self) -> dict[str, Any]:
+        """Breaker state, open-until, failures, counts and latency per provider and tier; budgets."""
+        if self.fallback is None:
+            return {"providers": {}, "tiers": {}, "budgets": {}}
+        return await asyncio.wait_for(self.fallback.snapshot.remote(), 10)
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
@@ -160,6 +172,8 @@ class Ingress:
                     "max_model_len": tier.engine.max_model_len,
                 }
             )
+        data.append({"id": "auto", "object": "model", "created": self.created, "owned_by": "tierserve",
+                     "tier": None, "served_name": None, "max_model_len": None})
         return {"object": "list", "data": data}
 
     @api.post("/v1/chat/completions")
@@ -171,77 +185,163 @@ class Ingress:
         return await self.generate("completion", request)
 
     async def generate(self, endpoint: str, request: Request) -> Response:
-        if self.keep_warm and self.keep_warm_task is None:
-            self.start_keep_warm()
+        if self.fleet.refreshing is None:
+            self.start_background()
         with self.tracing.span("tierserve.ingress", endpoint=endpoint) as span:
             try:
                 body = await read_body(request)
-                with self.tracing.span("tierserve.route"):
-                    tier_name = self.resolve(body)
                 stream = body.get("stream", False)
                 if not isinstance(stream, bool):
                     raise APIError(400, "stream: must be a boolean", param="stream")
+                with self.tracing.span("tierserve.route"):
+                    decision, prompt_tokens = self.route(endpoint, body, request.headers)
             except APIError as exc:
                 self.metrics.requests.labels("none", LOCAL, endpoint, str(exc.status)).inc()
                 raise
+            tier = decision.tier or "none"
             if span is not None:
-                span.set_attributes({"tierserve.tier": tier_name, "tierserve.stream": stream})
-            record = self.metrics.begin(tier_name, endpoint)
-            headers = {"x-tierserve-tier": tier_name, "x-tierserve-provider": LOCAL}
-            call = _Call(self.tiers[tier_name], tier_name, endpoint, body, self.tracing.carrier())
+                span.set_attributes({"tierserve.tier": tier, "tierserve.reason": decision.reason})
+            record = self.metrics.begin(tier, endpoint)
             try:
-                return await self._call(call, stream, headers, record)
-            except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
-                # The replica died mid-call or its queue is full: retryable, say so.
-                record.finish(503)
-                raise APIError(
-                    503, f"tier {tier_name} is unavailable: {type(exc).__name__}", headers={"retry-after": "5"}
-                ) from None
+                return await self._serve(decision, prompt_tokens, endpoint, body, stream, record)
             except BaseException:
                 record.finish(500)  # no-op when the record already finished
                 raise
 
-    async def _call(self, call: _Call, stream: bool, headers: dict[str, str], record: RequestRecord) -> Response:
-        if not stream:
-            result: Result = await call.handle.complete.remote(call.endpoint, call.body, call.trace)
-            record.finish(result.status, result.prompt_tokens, result.completion_tokens)
-            return json_response(result, headers)
-
-        chunks = call.handle.options(stream=True).stream.remote(call.endpoint, call.body, call.trace)
-        # Peek before sending headers: an early failure becomes a real HTTP status, not a 200 stream.
-        try:
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            raise APIError(502, f"tier {call.tier} ended the stream without data") from None
-        if isinstance(first, Result):
-            record.finish(first.status)
-            return json_response(first, headers)
-        record.first()
-        return StreamingResponse(
-            _relay(first, chunks, record), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
-        )
-
-    def resolve(self, body: dict[str, Any]) -> str:
+    def route(self, endpoint: str, body: dict[str, Any], headers: Any) -> tuple[Decision, int]:
         model = body.get("model")
-        if model is None:
-            raise APIError(400, "model: field required", param="model")
         if not isinstance(model, str):
-            raise APIError(400, "model: must be a string", param="model")
-        tier = self.names.get(model)
-        if tier is None:
-            known = ", ".join(sorted(self.names))
-            message = f"The model `{model}` does not exist. Known: {known}"
-            raise APIError(404, message, param="model", code="model_not_found")
-        return tier
+            raise APIError(400, "model: " + ("field required" if model is None else "must be a string"), param="model")
+        facts = facts_from_body(endpoint, body, headers, self.config.routing)  # type: ignore[arg-type]
+        decision = self.router.route(facts, self.fleet.tier_states(self.metrics.ongoing), self.provider_states())
+        if decision.kind == "reject":
+            raise decision.error()
+        return decision, facts.prompt_tokens
+
+    async def _serve(
+        self,
+        decision: Decision,
+        prompt_tokens: int,
+        endpoint: str,
+        body: dict[str, Any],
+        stream: bool,
+        record: RequestRecord,
+    ) -> Response:
+        """Try the decision's candidates in order until one starts an answer; nothing is retried after the
+        first byte has gone to the client."""
+        trace = self.tracing.carrier()
+        reason = decision.reason
+        failures: list[str] = []
+        last: Result | None = None
+        for i, cand in enumerate(decision.candidates):
+            if i:
+                self.metrics.fallbacks.labels(decision.tier or "none", _reason_label(last)).inc()
+                reason = f"fallback after {failures[-1]}"
+            provider = LOCAL if cand.kind == "tier" else cand.name
+            record.provider = provider
+            headers = {"x-tierserve-tier": cand.tier, "x-tierserve-provider": provider,
+                       "x-tierserve-route-reason": _header(reason)}
+            target = _Target(cand.kind, cand.name, cand.tier, endpoint, body, trace, prompt_tokens)
+            limit = cand.max_wait_s or self.first_byte_timeout(cand.tier, cand.kind)
+            answer = await self._attempt(target, stream, limit)
+            if cand.kind == "provider":
+                self.fleet.refresh_soon()
+            if isinstance(answer, Result) and answer.failover:
+                last = answer
+                failures.append(f"{cand.kind} {cand.name} failed ({answer.status}: {_error_message(answer)[:160]})")
+                continue
+            if isinstance(answer, Result):
+                record.finish(answer.status, answer.prompt_tokens, answer.completion_tokens, answer.cost_usd)
+                return json_response(answer, headers)
+            first, chunks = answer
+            record.first()
+            return StreamingResponse(
+                _relay(first, chunks, record), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+            )
+        # Every candidate failed before answering: the last error, always with a Retry-After.
+        status = last.status if last is not None and last.status in (429, 503) else 503
+        record.finish(status)
+        message = f"no target could serve the request: {'; '.join(failures) or 'no candidates'}"
+        if decision.skipped:
+            message += " (skipped: " + "; ".join(f"{who}: {why}" for who, why in decision.skipped) + ")"
+        raise APIError(status, message, headers={"retry-after": (last.retry_after if last else None) or "5"})
+
+    async def _attempt(self, t: _Target, stream: bool, limit: float) -> Result | tuple[bytes, Any]:
+        """One candidate: a Result (answer or error) or, for a started stream, (first chunk, the rest)."""
+        if t.kind == "tier":
+            handle, args = self.tiers[t.name], (t.endpoint, t.body, t.trace)
+        else:
+            handle, args = self.fallback, (t.name, t.endpoint, t.body, t.tier, t.prompt_tokens)
+        try:
+            if not stream:
+                response = handle.complete.remote(*args)
+                try:
+                    return await asyncio.wait_for(response, limit)
+                except TimeoutError:
+                    response.cancel()
+                    raise
+            chunks = handle.options(stream=True).stream.remote(*args)
+            try:
+                # Peek before sending headers: an early failure becomes a real HTTP status or a fail-over.
+                first = await asyncio.wait_for(chunks.__anext__(), limit)
+            except TimeoutError:
+                chunks.cancel()
+                raise
+        except TimeoutError:
+            return Result.error(_timeout(t.name, limit))
+        except StopAsyncIteration:
+            return Result.error(APIError(502, f"{t.kind} {t.name} ended the stream without data"))
+        except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+            # The replica died mid-call or its queue is full: retryable elsewhere.
+            return Result.error(APIError(503, f"{t.kind} {t.name} is unavailable: {type(exc).__name__}"))
+        if isinstance(first, Result):
+            return first
+        return first, chunks
+
+    def provider_states(self) -> dict[str, ProviderState]:
+        return self.fleet.provider_states()
+
+    def first_byte_timeout(self, tier: str, kind: str = "tier") -> float:
+        """A tier that scales to zero may be warming up: bound that wait by its overflow policy."""
+        t = self.config.tiers[tier]
+        limit = self.config.ingress.request_timeout_s
+        return min(limit, t.overflow.max_cold_wait_s) if kind == "tier" and t.replicas.min == 0 else limit
+
+
+
+def _timeout(tier: str, limit: float) -> APIError:
+    message = f"tier {tier} did not answer within {limit:g}s (no replica ready, or overloaded)"
+    return APIError(503, message, code="timeout", headers={"retry-after": "10"})
 
 
 @dataclass(slots=True)
-class _Call:
-    handle: Any
+class _Target:
+    kind: str  # "tier" | "provider"
+    name: str
     tier: str
     endpoint: str
     body: dict[str, Any]
     trace: dict[str, str] | None
+    prompt_tokens: int
+
+
+def _error_message(result: Result) -> str:
+    """The message of an error Result's envelope (failure path only: parsing costs nothing that matters)."""
+    try:
+        return str(orjson.loads(result.body)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "error"
+
+
+def _header(text: str) -> str:
+    return text.encode("ascii", "replace").decode()[:200]
+
+
+def _reason_label(result: Result | None) -> str:
+    """A bounded label for tierserve_fallbacks_total: the kind of failure, never its message."""
+    if result is None:
+        return "unavailable"
+    return {429: "rate_limited", 503: "unavailable", 504: "timeout"}.get(result.status, f"error_{result.status}")
 
 
 async def _relay(first: bytes, rest: AsyncIterator[bytes | Usage], record: RequestRecord) -> AsyncIterator[bytes]:
@@ -259,7 +359,7 @@ async def _relay(first: bytes, rest: AsyncIterator[bytes | Usage], record: Reque
         status = 499  # the client went away; closing `rest` cancels the request in the engine
         raise
     finally:
-        record.finish(status, usage.prompt_tokens, usage.completion_tokens)
+        record.finish(status, usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
 
 
 def _app_name() -> str:

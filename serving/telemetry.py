@@ -56,8 +56,11 @@ class RequestMetrics:
         )
         self.cost = Counter("tierserve_cost_usd", "Spend in US dollars", ["provider"], registry=registry)
 
+        self.ongoing: dict[str, int] = {}  # the same in-flight counts, for the router (no metric lookups)
+
     def begin(self, tier: str, endpoint: str, provider: str = LOCAL) -> RequestRecord:
         self.in_flight.labels(tier).inc()
+        self.ongoing[tier] = self.ongoing.get(tier, 0) + 1
         return RequestRecord(self, tier, provider, endpoint)
 
 
@@ -77,13 +80,18 @@ class RequestRecord:
         self.first_chunk = time.perf_counter()
         self.metrics.ttft.labels(self.tier, self.provider).observe(self.first_chunk - self.started)
 
-    def finish(self, status: int | str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    def finish(
+        self, status: int | str, prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0
+    ) -> None:
         if self.done:
             return
         self.done = True
         now = time.perf_counter()
         m = self.metrics
         m.in_flight.labels(self.tier).dec()
+        m.ongoing[self.tier] -= 1
+        if cost_usd:
+            m.cost.labels(self.provider).inc(cost_usd)
         m.requests.labels(self.tier, self.provider, self.endpoint, str(status)).inc()
         m.duration.labels(self.tier, self.provider, self.endpoint).observe(now - self.started)
         if prompt_tokens:

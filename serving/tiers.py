@@ -35,27 +35,33 @@ USAGE_CHUNK_PREFIX = 'data: {"id":'  # vLLM's chunks; the usage-only one has `"c
 class Result:
     """A non-streamed answer: status, the JSON body bytes (serialised once, in the replica), token usage."""
 
-    __slots__ = ("body", "completion_tokens", "prompt_tokens", "status")
+    __slots__ = ("body", "completion_tokens", "cost_usd", "failover", "prompt_tokens", "retry_after", "status")
 
     def __init__(self, status: int, body: bytes, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         self.status = status
         self.body = body
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.cost_usd = 0.0
+        self.failover = False  # no answer was started: the ingress may try its next candidate
+        self.retry_after: str | None = None
 
     @classmethod
     def error(cls, exc: APIError) -> Result:
-        return cls(exc.status, exc.json())
+        result = cls(exc.status, exc.json())
+        result.failover = exc.status >= 500  # the engine failed, not the request: another target may answer
+        return result
 
 
 class Usage:
     """The last item of a stream: its token counts, for metrics and budgets (never sent to the client)."""
 
-    __slots__ = ("completion_tokens", "prompt_tokens")
+    __slots__ = ("completion_tokens", "cost_usd", "prompt_tokens")
 
     def __init__(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.cost_usd = 0.0
 
 
 def engine_args(tier: Tier, model_path: Path) -> Any:

@@ -38,9 +38,11 @@ async def keep_warm_loop(
     ping: Callable[[str], Awaitable[object]],
     *,
     now: Callable[[], datetime] = datetime.now,
-    tick_s: float = 10.0,
+    tick_s: float | None = None,
 ) -> None:
     """Run forever: ping each tier (window, interval) when due. Failures are logged, never fatal."""
+    if tick_s is None:  # fine enough for the shortest interval, never busier than once a second
+        tick_s = max(1.0, min(10.0, *(interval / 2 for _, interval in tiers.values())))
     last: dict[str, float] = {}
     while True:
         current = now()

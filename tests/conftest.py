@@ -6,6 +6,7 @@ the teardown fails the run if any engine process outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
@@ -23,6 +25,9 @@ import pytest
 import yaml
 
 from serving.config import deep_merge
+
+if TYPE_CHECKING:
+    from tests.support.faultproxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("coder", "reasoning", "fast")  # the tiers that must be up before tests start
@@ -47,17 +52,99 @@ TEST_OVERLAY = {
 }
 
 
-def write_test_config(directory: Path) -> Path:
+UPSTREAM_MODEL = "up"  # what the bare vLLM upstream calls its model
+
+
+def provider_overlay(peer_url: str, metered_url: str, paid_url: str) -> dict:
+    """Fallback providers, all real OpenAI-compatible servers on loopback behind fault proxies.
+    `reasoning` has no provider, so an engine failure there is seen by the client as a 5xx."""
+    served = {"coder": UPSTREAM_MODEL, "fast": UPSTREAM_MODEL, "spare": UPSTREAM_MODEL}
+    quick = {"timeout_connect_s": 5, "timeout_read_s": 20, "timeout_total_s": 30}
+    return {
+        "providers": [
+            {"name": "peer", "kind": "vllm", "base_url": f"{peer_url}/v1", "models": served,
+             "max_context": 1024, "priority": 10, "retries": 1, **quick},
+            {"name": "metered", "kind": "vllm", "base_url": f"{metered_url}/v1", "models": served,
+             "max_context": 1024, "priority": 20, "retries": 0, "price_input_per_1m_usd": 1000,
+             "price_output_per_1m_usd": 1000, "budget_daily_usd": 0.05, **quick},
+            {"name": "paidapi", "kind": "openai", "base_url": f"{paid_url}/v1",
+             "api_key_env": "TIERSERVE_TEST_PAID_KEY", "models": served, "max_context": 100000, "priority": 1,
+             "paid": True, **quick},
+        ],
+        "routing": {"breaker": {"failures": 3, "cooldown_s": 8}},
+        "tiers": {"coder": {"overflow": {"max_queue_per_replica": 4}}},
+    }
+
+
+def write_test_config(directory: Path, providers: dict | None = None) -> Path:
     data = yaml.safe_load((ROOT / "models.yaml").read_text())
-    data["profiles"]["test"] = deep_merge(data["profiles"]["local"], TEST_OVERLAY)
+    data["profiles"]["test"] = deep_merge(deep_merge(data["profiles"]["local"], TEST_OVERLAY), providers or {})
     path = directory / "models.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
+class Upstream:
+    """Bare vLLM's own OpenAI server on the tiny model: the fallback providers' real upstream."""
+
+    def __init__(self, log_path: Path) -> None:
+        from serving.tinymodel import cached_tiny_model
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        model = cached_tiny_model(Path.home() / ".cache" / "tierserve", 3)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--served-model-name", UPSTREAM_MODEL, "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(self.port)]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.log = open(log_path, "w")  # lives as long as the server
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bare vLLM exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise TimeoutError("bare vLLM upstream did not start")
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
 @pytest.fixture(scope="session")
-def app_config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_test_config(tmp_path_factory.mktemp("config"))
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    assert not engine_processes(), "engine or Ray processes already running; stop them before the tests"
+    server = Upstream(tmp_path_factory.mktemp("upstream") / "vllm.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def proxies(upstream: Upstream) -> Iterator[dict[str, FaultProxy]]:
+    from tests.support.faultproxy import FaultProxy
+
+    started = {name: FaultProxy(("127.0.0.1", upstream.port)).start() for name in ("peer", "metered", "paidapi")}
+    yield started
+    for proxy in started.values():
+        proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def app_config_path(tmp_path_factory: pytest.TempPathFactory, proxies: dict) -> Path:
+    overlay = provider_overlay(proxies["peer"].url, proxies["metered"].url, proxies["paidapi"].url)
+    return write_test_config(tmp_path_factory.mktemp("config"), overlay)
 START_TIMEOUT_S = 420
 ENGINE_MARKERS = ("VLLM::", "EngineCore", "ServeReplica:tierserve", "ray::", "raylet", "gcs_server")
 
@@ -77,9 +164,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_processes() -> list[psutil.Process]:
+def engine_processes(exclude_session: int | None = None) -> list[psutil.Process]:
+    """Engine and Ray processes, except those of one process session (the bare vLLM upstream's)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "name"]):
+        if exclude_session is not None:
+            with contextlib.suppress(OSError):
+                if os.getsid(proc.pid) == exclude_session:
+                    continue
         try:
             text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
             if proc.status() == psutil.STATUS_ZOMBIE:
@@ -108,6 +200,8 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> float:
                     continue
                 if r.status_code == 200:
                     pending.discard(tier)
+                elif "failed to deploy" in r.text:
+                    raise RuntimeError(f"the app failed to deploy: {r.text[:300]}")
             time.sleep(2)
     return time.monotonic() - start
 
@@ -153,13 +247,14 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="session")
-def app_url(tmp_path_factory: pytest.TempPathFactory, app_config_path: Path, otlp: OtlpReceiver) -> Iterator[str]:
-    assert not engine_processes(), "engine or Ray processes already running; stop them before the tests"
+def app_url(
+    tmp_path_factory: pytest.TempPathFactory, app_config_path: Path, otlp: OtlpReceiver, upstream: Upstream
+) -> Iterator[str]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("app") / "tierserve-up.log"
     # Tracing on, exported to the test's receiver quickly (the exporter's default batch delay is 5 s).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url,
-           "OTEL_BSP_SCHEDULE_DELAY": "200"}
+           "OTEL_BSP_SCHEDULE_DELAY": "200", "TIERSERVE_STATE_DIR": str(tmp_path_factory.mktemp("state"))}
     env.pop("RAY_ADDRESS", None)
     cmd = [str(Path(sys.executable).with_name("tierserve")), "up", "--port", str(port),
            "--config", str(app_config_path), "--profile", "test"]
@@ -168,6 +263,7 @@ def app_url(tmp_path_factory: pytest.TempPathFactory, app_config_path: Path, otl
     base = f"http://127.0.0.1:{port}"
     try:
         took = wait_ready(base, proc, START_TIMEOUT_S)
+        upstream.wait(START_TIMEOUT_S)
         print(f"\n[tierserve] app ready in {took:.1f}s on {base}")
         _report_memory()
         yield base
@@ -180,16 +276,16 @@ def app_url(tmp_path_factory: pytest.TempPathFactory, app_config_path: Path, otl
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
-        leftovers = _wait_gone(60)
+        leftovers = _wait_gone(60, upstream.proc.pid)
         for p in leftovers:
             p.kill()
         assert not leftovers, f"processes outlived `tierserve up`: {[p.info['cmdline'][:2] for p in leftovers]}"
     assert proc.returncode == 0, f"tierserve up exited with {proc.returncode}"
 
 
-def _wait_gone(timeout_s: float) -> list[psutil.Process]:
+def _wait_gone(timeout_s: float, exclude_session: int) -> list[psutil.Process]:
     deadline = time.monotonic() + timeout_s
-    while (left := engine_processes()) and time.monotonic() < deadline:
+    while (left := engine_processes(exclude_session)) and time.monotonic() < deadline:
         time.sleep(1)
     return left
 

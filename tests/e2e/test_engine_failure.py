@@ -65,14 +65,22 @@ def test_readiness_fails_when_a_replica_dies_and_recovers(app_url: str) -> None:
         assert http.get("/health/ready").status_code == 200
         replica_process("coder").send_signal(signal.SIGKILL)
         seen = []
+        served_by = []
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             r = http.get("/health/ready")
             state = r.json()["tiers"]["coder"]["state"]
             seen.append((r.status_code, state))
+            if state == "failing":  # meanwhile agents still get answers: the fallback provider serves
+                chat = http.post("/v1/chat/completions", json={"model": "coder", "max_tokens": 3,
+                                                                "messages": [{"role": "user", "content": "hi"}]})
+                assert chat.status_code == 200, chat.text
+                served_by.append(chat.headers["x-tierserve-provider"])
             if seen[-1] == (200, "ready") and (503, "failing") in seen:
                 break
             time.sleep(2)
         assert (503, "failing") in seen, seen[:5]
+        print(f"\n[tierserve] coder replica killed: served by {served_by} while it was replaced")
+        assert "peer" in served_by
         assert seen[-1] == (200, "ready"), seen[-5:]
         assert http.post("/v1/completions", json={**BODY, "model": "coder"}).status_code == 200
