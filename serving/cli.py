@@ -1,4 +1,4 @@
-"""`tierserve` commands: validate, make-tiny-model, fetch-models, up, gpus."""
+"""`tierserve` commands: validate, make-tiny-model, fetch-models, up, gpus, keys."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from serving.config import ConfigError, Settings, load_config, validate_file
+from serving.config import AppConfig, AuthConfig, AuthSettings, ConfigError, Settings, load_config, validate_file
+
+if TYPE_CHECKING:
+    from serving.auth import KeyStore
 
 DEFAULT_DEPLOYMENT = "deployments/local.yaml"
 
@@ -69,6 +73,97 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         collector.close()
     print(gpus_command(nodes))
     return 0
+
+
+def _keys_context(args: argparse.Namespace) -> tuple[KeyStore, AppConfig | None]:
+    """The key store the server would use (--keys-file, TIERSERVE_KEYS_FILE, auth.keys_file, <state_dir>/keys.json)
+    and the config, when it loads, to check tier names against."""
+    from serving.auth import KeyStore, keys_file_path
+
+    config = None
+    if Path(args.config).exists():
+        try:
+            config = load_config(args.config, args.profile)
+        except ConfigError as exc:
+            print(f"warning: {exc}\n(tier names are not checked)", file=sys.stderr)
+    path = Path(args.keys_file) if args.keys_file else keys_file_path(
+        config.auth if config else AuthConfig(), Path(args.state_dir), AuthSettings()
+    )
+    return KeyStore(path), config
+
+
+def _fmt_limit(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Create, list, show and revoke API keys; the plaintext of a key is printed once, by `create`."""
+    import json
+    from datetime import UTC, datetime
+
+    from serving.auth import KeyStoreError
+
+    store, config = _keys_context(args)
+    try:
+        if args.keys_command == "create":
+            tiers = [t.strip() for t in args.tiers.split(",") if t.strip()] if args.tiers is not None else None
+            plaintext, record = store.create(
+                args.agent, tiers, args.rpm, args.tpm, args.budget_usd, args.default_tier,
+                budget_period=args.budget_period, admin=args.admin,
+                known_tiers=list(config.tiers) if config else None,
+            )
+            print(plaintext)  # stdout holds only the key, for scripts; it is not stored anywhere
+            print(f"created {'admin ' if record.admin else ''}key {record.id} for agent {record.agent} in "
+                  f"{store.path}; this is the only time the key is shown", file=sys.stderr)
+            return 0
+        if args.keys_command == "revoke":
+            changed = store.revoke(args.id, agent=args.agent)
+            for r in changed:
+                print(f"revoked {r.id} (agent {r.agent})")
+            if not changed:
+                print("already revoked", file=sys.stderr)
+            return 0
+        if args.keys_command == "show":
+            record = store.get(args.id.removeprefix("ts_").split("_", 1)[0])
+            if record is None:
+                raise KeyStoreError(f"no key {args.id}")
+            out = record.public()
+            usage_path = Path(args.usage_db) if args.usage_db else None
+            if usage_path is None:
+                from serving.auth import usage_db_path
+
+                usage_path = usage_db_path(config.auth if config else AuthConfig(), Path(args.state_dir))
+            if usage_path.exists():
+                from serving.auth import Limiter
+                from serving.budget import Budget
+
+                ledger = Budget(usage_path)
+                try:
+                    usage = Limiter(ledger=ledger).usage(record)
+                finally:
+                    ledger.close()
+                out.update({k: usage[k] for k in ("day", "month", "budget")})
+            print(json.dumps(out, indent=2, default=str))
+            return 0
+        keys = store.list(include_revoked=args.all)
+        if args.json:
+            print(json.dumps([k.public() for k in keys], indent=2))
+            return 0
+        rows = [("ID", "AGENT", "TIERS", "DEFAULT", "RPM", "TPM", "BUDGET", "CREATED", "REVOKED")]
+        for k in keys:
+            when = [datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M") if t else "-"
+                    for t in (k.created_at, k.revoked_at)]
+            budget = f"${k.budget_usd:g}/{k.budget_period}" if k.budget_usd is not None else "-"
+            tiers = "ADMIN" if k.admin else ",".join(k.tiers) if k.tiers is not None else "all"
+            rows.append((k.id, k.agent, tiers, _fmt_limit(k.default_tier), _fmt_limit(k.rpm), _fmt_limit(k.tpm),
+                         budget, *when))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        return 0
+    except KeyStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def serve_config(deployment: Path, config: str, profile: str, cache_dir: str, host: str, port: int) -> dict:
@@ -153,6 +248,34 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--host", default=settings.host)
             s.add_argument("--port", type=int, default=settings.port)
         s.set_defaults(func=func)
+
+    k = sub.add_parser("keys", help="API keys per agent: create, list, show, revoke")
+    k.add_argument(
+        "--keys-file", help="key store (default: TIERSERVE_KEYS_FILE, else auth.keys_file, else <state_dir>/keys.json)"
+    )
+    k.add_argument("--config", default=str(settings.config), help="models.yaml: tier names and auth settings")
+    k.add_argument("--profile", default=settings.profile)
+    k.add_argument("--state-dir", default=str(settings.state_dir))
+    k.set_defaults(func=cmd_keys)
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    kc = ks.add_parser("create", help="create a key and print it once")
+    kc.add_argument("--agent", required=True, help="the agent's name (shown in usage and metrics)")
+    kc.add_argument("--tiers", help="comma-separated tiers the key may use (default: all)")
+    kc.add_argument("--rpm", type=int, help="requests per minute")
+    kc.add_argument("--tpm", type=int, help="tokens (prompt + completion) per minute")
+    kc.add_argument("--budget-usd", type=float, help="spend limit per --budget-period")
+    kc.add_argument("--budget-period", choices=["day", "month"], default="month")
+    kc.add_argument("--default-tier", help="the tier `model: auto` falls back to for this agent")
+    kc.add_argument("--admin", action="store_true", help="an admin key (admin routes only, not /v1/*)")
+    kl = ks.add_parser("list", help="list keys (never their secrets)")
+    kl.add_argument("--all", action="store_true", help="include revoked keys")
+    kl.add_argument("--json", action="store_true")
+    kr = ks.add_parser("revoke", help="revoke a key by id, or every key of an agent")
+    kr.add_argument("id", nargs="?")
+    kr.add_argument("--agent")
+    kv = ks.add_parser("show", help="one key's settings and usage")
+    kv.add_argument("id")
+    kv.add_argument("--usage-db", help="usage ledger (default: auth.usage_db, <state_dir>/usage.db)")
     return p
 
 

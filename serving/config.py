@@ -131,6 +131,8 @@ class Tier(Strict):
     # Defined further down (issue 4 models are appended); the factories keep the names resolvable.
     overflow: OverflowPolicy = Field(default_factory=lambda: OverflowPolicy())
     cost_per_gpu_hour_usd: Annotated[float, Field(ge=0)] | None = None  # to compare local cost with providers
+    # Largest max_tokens a request may ask of this tier (issue 6); None: the tier's engine.max_model_len.
+    max_tokens_cap: Annotated[int, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _gpus_cover_tp(self) -> Tier:
@@ -149,6 +151,8 @@ class IngressConfig(Strict):
     replicas: Annotated[int, Field(gt=0)] = 1
     ready_cache_s: Annotated[float, Field(ge=0)] = 5.0  # /health/ready reuses a probe this long
     ready_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # a probe slower than this marks the tier failing
+    # No request waits longer than this for its whole answer (non-streamed) or its first byte (streamed).
+    request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
 
 
 TierName = Annotated[str, Field(pattern=TIER_NAME)]
@@ -163,6 +167,8 @@ class AppConfig(Strict):
     ingress: IngressConfig = IngressConfig()
     providers: list[Provider] = Field(default_factory=list)
     routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
+    auth: AuthConfig = Field(default_factory=lambda: AuthConfig())  # issue 6
+    limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
 
     @model_validator(mode="after")
     def _routing_refs(self) -> AppConfig:
@@ -212,7 +218,8 @@ class Settings(BaseSettings):
 
     config: Path = Path("models.yaml")
     profile: str = "local"
-    cache_dir: Path = Path.home() / ".cache" / "tierserve"
+    cache_dir: Path = Path.home() / ".cache" / "tierserve"  # regenerable: generated tiny models
+    state_dir: Path = Path.home() / ".local" / "state" / "tierserve"  # must survive restarts: budgets, usage
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -428,6 +435,53 @@ class OverflowPolicy(Strict):
     on_unavailable: Literal["fallback", "reject"] = "fallback"  # saturated or no healthy replica
     cold_start: Literal["wait", "fallback"] = "wait"  # scaled to zero and warming up
     max_cold_wait_s: Annotated[float, Field(gt=0)] = 120  # `wait`: then the next candidate is tried
+
+
+# -- API keys and input limits (issue 6) ------------------------------------------------------------------
+
+
+class AuthConfig(Strict):
+    """API keys per agent (serving/auth.py). Disabling auth is explicit and the server warns loudly at start."""
+
+    enabled: bool = True
+    # Key store (JSON, hashed keys only). Precedence: TIERSERVE_KEYS_FILE, this, <state_dir>/keys.json.
+    keys_file: str | None = None
+    # Per-key usage and spend (SQLite, serving/budget.py's ledger). None: <state_dir>/usage.db.
+    usage_db: str | None = None
+    reload_interval_s: Annotated[float, Field(ge=0)] = 1.0  # the key file is re-stat'ed at most this often
+    log_prompts: bool = False  # prompts and completions reach the logs only when this is true
+
+
+class LimitsConfig(Strict):
+    """Input limits checked by the ingress before a request reaches a tier (serving/limits.py)."""
+
+    max_body_bytes: Annotated[int, Field(gt=0)] = 1 << 20
+    max_messages: Annotated[int, Field(gt=0)] = 512  # chat messages, or prompts of a batched completion
+    max_chars_per_message: Annotated[int, Field(gt=0)] = 200_000
+    max_n: Annotated[int, Field(gt=0)] = 4
+    # Default max_tokens cap for tiers without `max_tokens_cap`; None: the tier's engine.max_model_len.
+    max_tokens_cap: Annotated[int, Field(gt=0)] | None = None
+    request_timeout_s: Annotated[float, Field(gt=0)] | None = None  # None: ingress.request_timeout_s
+    body_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # a slow upload is cut (408) after this
+    strict_params: bool = True  # unknown top-level request fields are a 400, not silently ignored
+    extra_params: list[str] = Field(default_factory=list, description="more top-level fields to accept")
+    # vLLM internals an agent must not set: queue priority over other agents, disaggregation plumbing,
+    # engine request ids (a duplicate collides with a running request), server-side Jinja templates.
+    denied_params: list[str] = Field(
+        default_factory=lambda: [
+            "priority", "kv_transfer_params", "ec_transfer_params", "request_id", "chat_template",
+        ]
+    )
+
+
+class AuthSettings(BaseSettings):
+    """Auth settings that belong to the machine, not the catalog: TIERSERVE_KEYS_FILE, TIERSERVE_ADMIN_KEY_SHA256."""
+
+    model_config = SettingsConfigDict(env_prefix="TIERSERVE_", extra="ignore")
+
+    keys_file: Path | None = None
+    # sha256 hex of the whole admin key (`printf %s "$KEY" | sha256sum`); the key itself never goes in env.
+    admin_key_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
 
 
 # Tier and AppConfig name the models above before they exist; resolve those references now.

@@ -18,6 +18,7 @@ def test_readme_starts_with_the_two_commands() -> None:
     run, test = readme_commands()[:2]
     assert run.endswith("tierserve up") and "'.[cpu]'" in run
     assert test.endswith("python -m pytest") and "'.[cpu,test]'" in test
+    assert "apt-get install" in test and "wireguard-go" in test  # the Ansible rehearsal's packages
     for command in (run, test):
         assert "pip uninstall -y torchvision torchaudio torchcodec" in command
 

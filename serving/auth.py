@@ -1,0 +1,656 @@
+"""API keys per agent: the hashed key store, authentication, per-key rate limits, budgets, usage, log redaction.
+
+Keys look like `ts_<key_id>_<secret>`: `key_id` is 12 public hex characters (the lookup index, safe to log),
+`secret` is 32 random bytes, urlsafe base64. The store (a JSON file, 0600, replaced atomically) keeps only the
+sha256 of the secret. A plain hash is enough because the secret is 256 random bits: there is no dictionary to
+attack, so a slow KDF or a server pepper would add cost per request and nothing else.
+
+Several processes share the store: `tierserve keys` writes it (under an flock, so two writers never lose each
+other's change) and every ingress re-reads it when its inode/mtime/size change, checked at most once per
+`reload_interval_s`, so a revocation is seen within that delay without a restart.
+
+Nothing here imports Ray or vLLM; the ingress wires it (see `Limiter`, `KeyStore.authenticate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.budget import Budget, Kind, period_end
+from serving.config import AppConfig, AuthConfig, AuthSettings
+from serving.errors import APIError
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "ts_"
+KEY_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43,}$")  # token_urlsafe(32) is 43 characters
+AGENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a metrics label: short and plain
+FILE_VERSION = 1
+LEDGER_KIND = cast(Kind, "key")  # rows of serving/budget.py's ledger: kind 'key', name = key id
+WINDOW_S = 60.0
+ANONYMOUS_ID = "anonymous"
+ENV_ADMIN_ID = "env-admin"
+_DUMMY_DIGEST = "0" * 64  # compared against for unknown ids, so both paths cost the same
+
+
+# -- records -------------------------------------------------------------------------------------------------
+
+
+class KeyRecord(BaseModel):
+    """One key as stored (no plaintext, ever). `tiers=None` allows every tier; None limits are unlimited."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")  # ignore: a newer writer's fields don't break us
+
+    id: str
+    agent: str
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    prefix: str  # `ts_<id>_...`, for display; holds no secret bits
+    tiers: tuple[str, ...] | None = None
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    budget_usd: float | None = Field(None, ge=0)
+    budget_period: Literal["day", "month"] = "month"  # UTC calendar periods, as serving/budget.py
+    default_tier: str | None = None  # what `model: auto` means for this agent when no rule matches
+    admin: bool = False  # admin routes only; rejected on /v1/*
+    created_at: float
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def allows(self, tier: str) -> bool:
+        return self.tiers is None or tier in self.tiers
+
+    def public(self) -> dict[str, Any]:
+        """What `keys list`, `/v1/usage` and admin views show: everything but the hash."""
+        return self.model_dump(exclude={"key_sha256"})
+
+
+def anonymous_key(*, admin: bool = False) -> KeyRecord:
+    """The caller when auth is disabled: every tier, no limits, no budget."""
+    return KeyRecord(id=ANONYMOUS_ID, agent=ANONYMOUS_ID, key_sha256=_DUMMY_DIGEST, prefix="", admin=admin,
+                     created_at=0.0)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str, str]:
+    """(plaintext, key_id, secret); key_id is hex so it never contains the `_` separator."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return f"{KEY_PREFIX}{key_id}_{secret}", key_id, secret
+
+
+def split_key(token: str) -> tuple[str, str] | None:
+    """`ts_<id>_<secret>` -> (id, secret), or None when the token does not have that shape."""
+    if not token.startswith(KEY_PREFIX):
+        return None
+    key_id, sep, secret = token[len(KEY_PREFIX):].partition("_")
+    if not sep or not KEY_ID_RE.match(key_id) or not SECRET_RE.match(secret):
+        return None
+    return key_id, secret
+
+
+# -- errors (all OpenAI-shaped via serving.errors.APIError) ------------------------------------------------------
+
+_BEARER = {"www-authenticate": "Bearer"}
+KEY_HELP = "send `Authorization: Bearer ts_<id>_<secret>` (create one with `tierserve keys create`)"
+
+
+def auth_error(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers=dict(_BEARER))
+
+
+class LimitError(APIError):
+    """A 429 with `retry-after` (whole seconds, at least 1)."""
+
+    def __init__(self, message: str, code: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(429, message, code=code, headers={"retry-after": str(max(1, math.ceil(retry_after_s)))})
+
+
+def check_tier(key: KeyRecord, tier: str) -> None:
+    """403 when the key may not use `tier` (the resolved tier, after aliases and `auto`)."""
+    if not key.allows(tier):
+        allowed = ", ".join(key.tiers or ()) or "none"
+        raise APIError(403, f"the key of agent {key.agent} may not use tier {tier} (allowed: {allowed})",
+                       param="model", code="tier_not_allowed")
+
+
+def parse_bearer(header_value: str | None) -> str:
+    if not header_value or not header_value.strip():
+        raise auth_error(f"Missing API key: {KEY_HELP}")
+    scheme, _, token = header_value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise auth_error(f"Malformed Authorization header: {KEY_HELP}")
+    return token
+
+
+# -- the store ----------------------------------------------------------------------------------------------------
+
+
+class KeyStoreError(Exception):
+    """A key-management problem for the CLI/admin routes (unknown id, bad tier, unreadable file)."""
+
+
+@dataclass
+class _Loaded:
+    by_id: dict[str, KeyRecord] = field(default_factory=dict)
+    signature: tuple[int, int, int] | None = None  # (inode, mtime_ns, size); None: no file
+
+
+def keys_file_path(auth: AuthConfig, state_dir: Path, settings: AuthSettings | None = None) -> Path:
+    """TIERSERVE_KEYS_FILE, else `auth.keys_file`, else `<state_dir>/keys.json`."""
+    if settings is not None and settings.keys_file is not None:
+        return settings.keys_file.expanduser()
+    if auth.keys_file:
+        return Path(auth.keys_file).expanduser()
+    return state_dir / "keys.json"
+
+
+def usage_db_path(auth: AuthConfig, state_dir: Path) -> Path:
+    return Path(auth.usage_db).expanduser() if auth.usage_db else state_dir / "usage.db"
+
+
+class KeyStore:
+    """Hashed keys in a JSON file; `authenticate` is cheap per request (a dict lookup and one sha256)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        clock: Callable[[], float] = time.time,
+        *,
+        enabled: bool = True,
+        admin_key_sha256: str | None = None,
+        reload_interval_s: float = 1.0,
+    ) -> None:
+        self.path = Path(path)
+        self.clock = clock  # wall clock: created_at / revoked_at, and the reload throttle
+        self.enabled = enabled
+        self.admin_key_sha256 = admin_key_sha256.lower() if admin_key_sha256 else None
+        self.reload_interval_s = reload_interval_s
+        self._lock = threading.Lock()
+        self._checked_at: float | None = None
+        self._loaded = _Loaded()
+        if enabled:
+            self._loaded = self._read()  # an unreadable file at start is fatal, not an empty store
+
+    @classmethod
+    def from_config(
+        cls,
+        config: AppConfig,
+        state_dir: Path,
+        settings: AuthSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> KeyStore:
+        settings = settings if settings is not None else AuthSettings()
+        return cls(
+            keys_file_path(config.auth, state_dir, settings),
+            clock,
+            enabled=config.auth.enabled,
+            admin_key_sha256=settings.admin_key_sha256,
+            reload_interval_s=config.auth.reload_interval_s,
+        )
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def _read(self) -> _Loaded:
+        try:
+            st = os.stat(self.path)
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return _Loaded()
+        except OSError as exc:
+            raise KeyStoreError(f"{self.path}: cannot read: {exc.strerror}") from None
+        try:
+            doc = json.loads(text)
+            records = [KeyRecord.model_validate(r) for r in doc["keys"]]
+        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+            raise KeyStoreError(f"{self.path}: not a tierserve key file: {type(exc).__name__}: {exc}") from None
+        return _Loaded({r.id: r for r in records}, (st.st_ino, st.st_mtime_ns, st.st_size))
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def maybe_reload(self) -> bool:
+        """Re-read the file if it changed; stat()s at most once per `reload_interval_s`. True if reloaded."""
+        now = self.clock()
+        # A clock that went backwards also triggers a check rather than stalling reloads until it catches up.
+        if self._checked_at is not None and 0 <= now - self._checked_at < self.reload_interval_s:
+            return False
+        self._checked_at = now
+        return self.reload(force=False)
+
+    def reload(self, *, force: bool = True) -> bool:
+        """Re-read now (admin `reload`). A broken file keeps the last good keys and logs, never locks all out."""
+        try:
+            if not force and self._signature() == self._loaded.signature:
+                return False
+            loaded = self._read()
+        except (KeyStoreError, OSError) as exc:
+            log.error("key store not reloaded, keeping %d keys: %s", len(self._loaded.by_id), exc)
+            return False
+        with self._lock:
+            self._loaded = loaded
+        log.info("key store reloaded: %d keys from %s", len(loaded.by_id), self.path)
+        return True
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        return self._loaded.by_id.get(key_id)
+
+    def list(self, *, include_revoked: bool = True) -> list[KeyRecord]:
+        self.maybe_reload()
+        keys = sorted(self._loaded.by_id.values(), key=lambda r: (r.created_at, r.id))
+        return [k for k in keys if include_revoked or not k.revoked]
+
+    # -- authentication ---------------------------------------------------------------------------------------
+
+    def _match(self, token: str) -> KeyRecord | None:
+        parts = split_key(token)
+        if parts is None:
+            return None
+        key_id, secret = parts
+        record = self._loaded.by_id.get(key_id)
+        # Always one constant-time comparison, whether or not the id exists.
+        ok = hmac.compare_digest(hash_secret(secret), record.key_sha256 if record else _DUMMY_DIGEST)
+        return record if ok else None
+
+    def authenticate(self, header_value: str | None) -> KeyRecord:
+        """The agent key of an `Authorization` header value, or APIError 401 (missing, malformed, unknown,
+        revoked, admin key). With auth disabled: the anonymous record, whatever the header."""
+        if not self.enabled:
+            return anonymous_key()
+        token = parse_bearer(header_value)
+        if split_key(token) is None:
+            raise auth_error(f"Malformed API key: {KEY_HELP}")
+        self.maybe_reload()
+        record = self._match(token)
+        if record is None:
+            raise auth_error("Invalid API key")
+        if record.revoked:
+            raise auth_error(f"API key {record.prefix} was revoked")
+        if record.admin:
+            raise auth_error("An admin key is for admin routes only; use an agent key here")
+        return record
+
+    def authenticate_admin(self, header_value: str | None) -> KeyRecord:
+        """An admin key: TIERSERVE_ADMIN_KEY_SHA256 (sha256 of the whole key) or an admin record of the store.
+        401 for anything else; 403 for a valid agent key. With auth disabled: an anonymous admin."""
+        if not self.enabled:
+            return anonymous_key(admin=True)
+        token = parse_bearer(header_value)
+        if self.admin_key_sha256 is not None and hmac.compare_digest(
+            hashlib.sha256(token.encode()).hexdigest(), self.admin_key_sha256
+        ):
+            return KeyRecord(id=ENV_ADMIN_ID, agent="admin", key_sha256=self.admin_key_sha256, prefix="(env)",
+                             admin=True, created_at=0.0)
+        self.maybe_reload()
+        record = self._match(token)
+        if record is None or record.revoked:
+            raise auth_error("Invalid admin key")
+        if not record.admin:
+            raise APIError(403, "this route needs an admin key", code="admin_key_required")
+        return record
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[dict[str, KeyRecord]]:
+        """Read-modify-write under an flock on `<file>.lock`: concurrent writers (CLI runs, admin routes in
+        several processes) each see the other's change. Yields the fresh records to mutate in place."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            records = dict(self._read().by_id)
+            yield records
+            self._write(records)
+            loaded = self._read()
+            with self._lock:
+                self._loaded = loaded
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _write(self, records: dict[str, KeyRecord]) -> None:
+        doc = {
+            "version": FILE_VERSION,
+            "note": "tierserve API keys: sha256 of each secret only; manage with `tierserve keys`",
+            "keys": [r.model_dump(mode="json") for r in sorted(records.values(), key=lambda r: (r.created_at, r.id))],
+        }
+        # mkstemp creates the file 0600; os.replace makes readers see the old or the new file, never half.
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(doc, fh, indent=1)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+
+    def create(
+        self,
+        agent: str,
+        tiers: Sequence[str] | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        budget_usd: float | None = None,
+        default_tier: str | None = None,
+        *,
+        budget_period: Literal["day", "month"] = "month",
+        admin: bool = False,
+        known_tiers: Collection[str] | None = None,
+    ) -> tuple[str, KeyRecord]:
+        """A new key: (plaintext, record). The plaintext exists only in the return value; show it once."""
+        if not AGENT_RE.match(agent):
+            raise KeyStoreError(f"agent name {agent!r}: use letters, digits, '.', '_', '-' (at most 64)")
+        tier_list = tuple(dict.fromkeys(tiers)) if tiers is not None else None
+        if tier_list is not None and not tier_list:
+            raise KeyStoreError("a key needs at least one tier (leave tiers out to allow all)")  # [] is not "all"
+        if known_tiers is not None:
+            unknown = sorted({*(tier_list or ()), *([default_tier] if default_tier else [])} - set(known_tiers))
+            if unknown:
+                raise KeyStoreError(f"unknown tier(s): {', '.join(unknown)} (known: {', '.join(sorted(known_tiers))})")
+        if default_tier and tier_list is not None and default_tier not in tier_list:
+            raise KeyStoreError(f"default tier {default_tier} is not among the key's tiers ({', '.join(tier_list)})")
+        plaintext, key_id, secret = new_key()
+        try:
+            record = KeyRecord(
+                id=key_id, agent=agent, key_sha256=hash_secret(secret), prefix=f"{KEY_PREFIX}{key_id}_...",
+                tiers=tier_list, rpm=rpm, tpm=tpm, budget_usd=budget_usd, budget_period=budget_period,
+                default_tier=default_tier, admin=admin, created_at=self.clock(),
+            )
+        except ValidationError as exc:
+            problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+            raise KeyStoreError("; ".join(problems)) from None
+        with self._exclusive() as records:
+            records[key_id] = record
+        return plaintext, record
+
+    def revoke(self, key_id: str | None = None, *, agent: str | None = None) -> list[KeyRecord]:
+        """Revoke one key by id (or by `ts_<id>…` prefix), or every live key of an agent. Returns what changed
+        (already-revoked keys are left as they were); KeyStoreError when nothing matches."""
+        if (key_id is None) == (agent is None):
+            raise KeyStoreError("give a key id or an agent (one of them)")
+        if key_id is not None:
+            key_id = key_id.removeprefix(KEY_PREFIX).split("_", 1)[0]
+        now = self.clock()
+        changed: list[KeyRecord] = []
+        with self._exclusive() as records:
+            matches = [r for r in records.values() if r.id == key_id or (agent is not None and r.agent == agent)]
+            if not matches:
+                raise KeyStoreError(f"no key {key_id}" if key_id is not None else f"no key for agent {agent}")
+            for r in matches:
+                if not r.revoked:
+                    records[r.id] = r.model_copy(update={"revoked_at": now})
+                    changed.append(records[r.id])
+        return changed
+
+
+# -- rate limits, budgets, usage -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    requests: deque[float] = field(default_factory=deque)  # admission times
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) of finished requests
+    token_sum: int = 0
+
+
+class Limiter:
+    """Per-key sliding 60 s windows (requests and tokens per minute) and USD budgets, in this process.
+
+    `check` before a request admits and counts it, or raises LimitError (429 + retry-after); `record` after it
+    adds its tokens to the window and its usage/cost to the persisted ledger. Tokens are known only once a
+    request ends, so a key is admitted while its last minute's tokens are under `tpm`: concurrent requests
+    can overshoot the limit by what they are generating. Windows are per ingress process (one by default);
+    spend is shared through the ledger's SQLite file.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        ledger: Budget | None = None,
+        window_s: float = WINDOW_S,
+    ) -> None:
+        self.clock = clock
+        self.ledger = ledger  # None: no budgets and no persisted usage (window counts only)
+        self.window_s = window_s
+        self._windows: dict[str, _Window] = {}
+        self._lock = threading.Lock()
+
+    def _prune(self, w: _Window, now: float) -> None:
+        start = now - self.window_s
+        while w.requests and w.requests[0] <= start:
+            w.requests.popleft()
+        while w.tokens and w.tokens[0][0] <= start:
+            w.token_sum -= w.tokens.popleft()[1]
+
+    def check(self, key: KeyRecord) -> None:
+        """Admit one request of `key` (and count it), or raise LimitError: budget, rpm, then tpm."""
+        self.check_budget(key)
+        now = self.clock()
+        with self._lock:
+            w = self._windows.setdefault(key.id, _Window())
+            self._prune(w, now)
+            if key.rpm is not None and len(w.requests) >= key.rpm:
+                # Free again when the oldest request that keeps us at the limit leaves the window.
+                retry = w.requests[len(w.requests) - key.rpm] + self.window_s - now
+                raise LimitError(
+                    f"agent {key.agent}: rate limit of {key.rpm} requests per minute reached; retry in {retry:.0f}s",
+                    "rate_limit_exceeded", retry,
+                )
+            if key.tpm is not None and w.token_sum >= key.tpm:
+                remaining, retry = w.token_sum, self.window_s
+                for t, n in w.tokens:
+                    remaining -= n
+                    if remaining < key.tpm:
+                        retry = t + self.window_s - now
+                        break
+                raise LimitError(
+                    f"agent {key.agent}: {w.token_sum} tokens in the last minute, limit {key.tpm} tokens per "
+                    f"minute; retry in {retry:.0f}s", "tokens_per_minute_exceeded", retry,
+                )
+            w.requests.append(now)
+
+    def check_budget(self, key: KeyRecord) -> None:
+        if key.budget_usd is None or self.ledger is None:
+            return
+        spent = self.ledger.totals(LEDGER_KIND, key.id, key.budget_period).cost_usd
+        if spent >= key.budget_usd:
+            wall = self.ledger.clock()
+            end = period_end(wall, key.budget_period)
+            label = "daily" if key.budget_period == "day" else "monthly"
+            raise LimitError(
+                f"agent {key.agent}: {label} budget of ${key.budget_usd:.2f} spent (${spent:.4f}); it resets "
+                f"{datetime.fromtimestamp(end, UTC):%Y-%m-%d %H:%M} UTC", "budget_exceeded", end - wall,
+            )
+
+    def record_tokens(self, key: KeyRecord, n: int) -> None:
+        """Add `n` tokens (prompt + completion) to the key's per-minute window."""
+        if n <= 0:
+            return
+        now = self.clock()
+        with self._lock:
+            w = self._windows.setdefault(key.id, _Window())
+            w.tokens.append((now, n))
+            w.token_sum += n
+            self._prune(w, now)
+
+    def record(
+        self, key: KeyRecord, prompt_tokens: int, completion_tokens: int, cost_usd: float = 0.0, *,
+        estimated: bool = False,
+    ) -> None:
+        """One finished request (streamed or not, failed ones with what they used): window + ledger."""
+        self.record_tokens(key, max(0, prompt_tokens) + max(0, completion_tokens))
+        if self.ledger is not None:
+            self.ledger.record(LEDGER_KIND, key.id, prompt_tokens, completion_tokens, estimated=estimated,
+                               cost_usd=cost_usd)
+
+    def window(self, key: KeyRecord) -> dict[str, Any]:
+        now = self.clock()
+        with self._lock:
+            w = self._windows.get(key.id)
+            if w is None:
+                return {"seconds": self.window_s, "requests": 0, "tokens": 0}
+            self._prune(w, now)
+            return {"seconds": self.window_s, "requests": len(w.requests), "tokens": w.token_sum}
+
+    def usage(self, key: KeyRecord) -> dict[str, Any]:
+        """`GET /v1/usage` for this key: limits, the current minute, day and month totals, budget left."""
+        out: dict[str, Any] = {"object": "usage", "key": key.public(), "window": self.window(key)}
+        if self.ledger is None:
+            return out
+        day = self.ledger.totals(LEDGER_KIND, key.id, "day")
+        month = self.ledger.totals(LEDGER_KIND, key.id, "month")
+        out.update(day=day.to_dict(), month=month.to_dict(), budget=None)
+        if key.budget_usd is not None:
+            spent = (day if key.budget_period == "day" else month).cost_usd
+            end = period_end(self.ledger.clock(), key.budget_period)
+            out["budget"] = {
+                "limit_usd": key.budget_usd,
+                "period": key.budget_period,
+                "spent_usd": round(spent, 6),
+                "remaining_usd": round(max(0.0, key.budget_usd - spent), 6),
+                "resets_at": datetime.fromtimestamp(end, UTC).isoformat(),
+            }
+        return out
+
+    def usage_all(self, keys: Sequence[KeyRecord]) -> dict[str, Any]:
+        """The admin view: every key's usage, keyed by id, plus per-agent sums of the month."""
+        per_key = {k.id: self.usage(k) for k in keys}
+        agents: dict[str, dict[str, float]] = {}
+        for k in keys:
+            month = per_key[k.id].get("month") or {}
+            a = agents.setdefault(k.agent, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0})
+            for field_name in a:
+                a[field_name] += month.get(field_name, 0)
+        return {"object": "usage.list", "keys": per_key, "agents": agents}
+
+
+# -- startup warning, logs ---------------------------------------------------------------------------------------
+
+
+def auth_disabled_warning(config: AppConfig, host: str | None = None) -> str | None:
+    """The text to log (WARNING, at start) when auth is off; None when it is on."""
+    if config.auth.enabled:
+        return None
+    where = f" on {host}" if host else ""
+    exposed = host is not None and host not in ("127.0.0.1", "localhost", "::1")
+    return (
+        "!!! tierserve: API KEYS ARE DISABLED (auth.enabled: false, profile "
+        f"{config.profile}): anyone who can reach the ingress{where} can use every tier, with no rate limits "
+        "or budgets. Only for the local demo; set auth.enabled: true and create keys with `tierserve keys "
+        "create` before exposing it." + (" THIS ADDRESS IS NOT LOOPBACK." if exposed else "")
+    )
+
+
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?<![A-Za-z0-9])(ts_[0-9a-f]{1,32})_[A-Za-z0-9_\-]+"), r"\1_[REDACTED]"),  # keeps the public id
+    (re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+"), r"\1[REDACTED]"),
+    (re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"), "sk-[REDACTED]"),  # provider keys (OpenAI, Anthropic, ...)
+    (re.compile(r"(?i)\b((?:x-)?api[_-]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+"), r"\1[REDACTED]"),
+)
+
+
+def redact(text: str) -> str:
+    """`text` with API keys and bearer tokens replaced by [REDACTED] (a `ts_` key keeps its public id)."""
+    for pattern, repl in _REDACTIONS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Logging filter: redact the formatted message and any traceback. Attach it to handlers (a logger's own
+    filters don't see records propagated from child loggers); `install_redaction` does that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string is the handler's problem, not ours
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def install_redaction(logger: logging.Logger | None = None) -> RedactingFilter:
+    """Add one RedactingFilter to `logger` (default: root) and each of its handlers; idempotent."""
+    logger = logger if logger is not None else logging.getLogger()
+    existing = next((f for f in logger.filters if isinstance(f, RedactingFilter)), None)
+    flt = existing or RedactingFilter()
+    for target in (logger, *logger.handlers):
+        if not any(isinstance(f, RedactingFilter) for f in target.filters):
+            target.addFilter(flt)
+    return flt
+
+
+def loggable_body(body: dict[str, Any], log_prompts: bool) -> dict[str, Any]:
+    """The request body as it may be logged: prompt text replaced by its size unless `log_prompts`."""
+    if log_prompts:
+        return body
+    out = dict(body)
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [
+            {"role": m.get("role"), "content": f"<{_size(m.get('content'))} chars>"} if isinstance(m, dict) else "<?>"
+            for m in out["messages"]
+        ]
+    if "prompt" in out:
+        out["prompt"] = f"<{_size(out['prompt'])} chars>"
+    for name in ("suffix", "tools", "response_format", "logit_bias"):
+        if name in out:
+            out[name] = f"<{_size(out[name])} chars>"
+    return out
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    try:
+        return len(json.dumps(value))
+    except (TypeError, ValueError):
+        return 0
