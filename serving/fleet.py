@@ -16,11 +16,12 @@ from prometheus_client.core import Metric
 from serving.config import AppConfig
 from serving.gpu import GpuSnapshot
 from serving.router import ProviderState, TierState
-from serving.telemetry import RequestMetrics, relabel, waiting_requests
+from serving.telemetry import RequestMetrics, estimate_wait_s, relabel, waiting_requests
 
 log = logging.getLogger(__name__)
 FANOUT_TIMEOUT_S = 5.0
 STATE_TTL_S = 1.0  # replica counts and provider states the router sees are at most this old
+ENGINE_STATS_EVERY = 5  # refreshes between reads of the engines' waiting counts
 
 
 class Fleet:
@@ -37,14 +38,17 @@ class Fleet:
         self.fallback: Any = None
         self.refreshing: asyncio.Task[None] | None = None
 
-    def tier_states(self, ongoing: dict[str, int]) -> dict[str, TierState]:
+    def tier_states(self, metrics: RequestMetrics) -> dict[str, TierState]:
         out = {}
         for name, tier in self.config.tiers.items():
             running = self.replicas.get(name)  # None until the first refresh: assumed available
+            ongoing = metrics.ongoing.get(name, 0)
             out[name] = TierState(
                 healthy_replicas=running,
-                ongoing=ongoing.get(name, 0),
+                ongoing=ongoing,
                 engine_waiting=self.waiting.get(name),
+                est_wait_s=estimate_wait_s(ongoing, running, tier.engine.max_num_seqs,
+                                           metrics.mean_duration_s.get(name)),
                 cold=tier.replicas.min == 0 and running == 0,
             )
         return out
@@ -52,16 +56,24 @@ class Fleet:
     def provider_states(self) -> dict[str, ProviderState]:
         return self.providers
 
-    def start_refresher(self, fallback: Any) -> None:
+    def start_refresher(self, fallback: Any, metrics: RequestMetrics) -> None:
         """Keep the router's view (replica counts, provider states) at most STATE_TTL_S old, whatever the
-        traffic: a replica that died is out of the candidates within a second."""
+        traffic: a replica that died is out of the candidates within a second. vLLM's waiting counts,
+        costlier to read, every ENGINE_STATS_EVERY refreshes."""
         self.fallback = fallback
         if self.refreshing is None:
-            self.refreshing = asyncio.get_running_loop().create_task(self._refresh_loop())
+            self.refreshing = asyncio.get_running_loop().create_task(self._refresh_loop(metrics))
 
-    async def _refresh_loop(self) -> None:
+    async def _refresh_loop(self, metrics: RequestMetrics) -> None:
+        rounds = 0
         while True:
             await self.refresh_states()
+            if rounds % ENGINE_STATS_EVERY == 0:
+                try:
+                    await self.refresh_engine_metrics(metrics)
+                except Exception as exc:  # a tier mid-restart: keep the last counts, try again later
+                    log.debug("engine stats unavailable: %s", exc)
+            rounds += 1
             await asyncio.sleep(STATE_TTL_S)
 
     def refresh_soon(self) -> None:

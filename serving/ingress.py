@@ -122,7 +122,7 @@ class Ingress:
 
     def start_background(self) -> None:
         """The router's state refresher and the keep-warm pings; needs the replica's event loop."""
-        self.fleet.start_refresher(self.fallback)
+        self.fleet.start_refresher(self.fallback, self.metrics)
         if self.keep_warm and self.keep_warm_task is None:
             loop = asyncio.get_running_loop()
             self.keep_warm_task = loop.create_task(keep_warm_loop(self.keep_warm, self.prober.probe))
@@ -213,7 +213,7 @@ class Ingress:
         if not isinstance(model, str):
             raise APIError(400, "model: " + ("field required" if model is None else "must be a string"), param="model")
         facts = facts_from_body(endpoint, body, headers, self.config.routing)  # type: ignore[arg-type]
-        decision = self.router.route(facts, self.fleet.tier_states(self.metrics.ongoing), self.provider_states())
+        decision = self.router.route(facts, self.fleet.tier_states(self.metrics), self.provider_states())
         if decision.kind == "reject":
             raise decision.error()
         return decision, facts.prompt_tokens
@@ -356,7 +356,8 @@ async def _relay(first: bytes, rest: AsyncIterator[bytes | Usage], record: Reque
             else:
                 yield chunk
     except asyncio.CancelledError:
-        status = 499  # the client went away; closing `rest` cancels the request in the engine
+        if status != 200:  # went away before the end; closing `rest` cancels the request in the engine
+            status = 499
         raise
     finally:
         record.finish(status, usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)

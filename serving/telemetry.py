@@ -19,6 +19,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
 # vLLM's engine metrics worth re-exporting per tier (queue, running, KV cache, its own token counters).
 ENGINE_METRIC_PREFIX = "vllm:"
+DURATION_EWMA_ALPHA = 0.1
 
 
 class RequestMetrics:
@@ -57,6 +58,7 @@ class RequestMetrics:
         self.cost = Counter("tierserve_cost_usd", "Spend in US dollars", ["provider"], registry=registry)
 
         self.ongoing: dict[str, int] = {}  # the same in-flight counts, for the router (no metric lookups)
+        self.mean_duration_s: dict[str, float] = {}  # EWMA of locally served requests, for wait estimates
 
     def begin(self, tier: str, endpoint: str, provider: str = LOCAL) -> RequestRecord:
         self.in_flight.labels(tier).inc()
@@ -94,6 +96,10 @@ class RequestRecord:
             m.cost.labels(self.provider).inc(cost_usd)
         m.requests.labels(self.tier, self.provider, self.endpoint, str(status)).inc()
         m.duration.labels(self.tier, self.provider, self.endpoint).observe(now - self.started)
+        if self.provider == LOCAL and status == 200:
+            prev = m.mean_duration_s.get(self.tier)
+            took = now - self.started
+            m.mean_duration_s[self.tier] = took if prev is None else prev + DURATION_EWMA_ALPHA * (took - prev)
         if prompt_tokens:
             m.prompt_tokens.labels(self.tier, self.provider).inc(prompt_tokens)
         if completion_tokens:
@@ -123,6 +129,18 @@ def relabel(text: str, labels: dict[str, str]) -> Iterable[Metric]:
         for sample in family.samples:
             out.add_sample(sample.name, {**sample.labels, **labels}, sample.value, sample.timestamp)
         yield out
+
+
+def estimate_wait_s(ongoing: int, replicas: int | None, batch: int, mean_duration_s: float | None) -> float | None:
+    """How long a new request would queue before an engine slot frees: requests beyond the tier's batch
+    capacity (replicas x max_num_seqs), each slot freeing after about one mean request duration.
+    None when it can't be told (no replica count or no served request yet)."""
+    if not replicas or mean_duration_s is None:
+        return None
+    capacity = replicas * batch
+    if ongoing < capacity:
+        return 0.0
+    return (ongoing - capacity + 1) / capacity * mean_duration_s
 
 
 def waiting_requests(text: str) -> float:

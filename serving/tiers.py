@@ -245,18 +245,25 @@ class TierServer:
                 queue.put_nowait(None)
 
         task = asyncio.create_task(pump())
+        held = b""
         try:
             while True:
                 parts = [await queue.get()]
                 while not queue.empty():
                     parts.append(queue.get_nowait())
                 ended = parts[-1] is None
-                data = b"".join(p for p in parts if p is not None)
+                data = held + b"".join(p for p in parts if p is not None)
+                if not ended and data.endswith(DONE):
+                    held = data  # the end marker is a moment away: send [DONE] after the usage
+                    continue
+                held = b""
+                if ended and usage:
+                    # Before the closing `[DONE]`: a client hangs up on [DONE], and anything still owed
+                    # after it turns a finished response into a cancelled one.
+                    yield usage[-1]
                 if data:
                     yield data
                 if ended:
-                    if usage:
-                        yield usage[-1]
                     return
         finally:
             # Client went away (or we finished): cancelling the generator aborts the request in vLLM.

@@ -198,8 +198,8 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> float:
                     r = client.post("/v1/completions", json={"model": tier, "prompt": "hi", "max_tokens": 1})
                 except httpx.HTTPError:
                     continue
-                if r.status_code == 200:
-                    pending.discard(tier)
+                if r.status_code == 200 and r.headers.get("x-tierserve-provider") == "local":
+                    pending.discard(tier)  # served by the tier itself, not by a fallback provider
                 elif "failed to deploy" in r.text:
                     raise RuntimeError(f"the app failed to deploy: {r.text[:300]}")
             time.sleep(2)

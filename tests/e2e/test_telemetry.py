@@ -200,3 +200,21 @@ def test_keep_warm_pings_reach_the_engine_without_client_traffic(http: httpx.Cli
     before = engine_requests()
     time.sleep(7)  # the test profile pings `reasoning` every 2 s, all day
     assert engine_requests() - before >= 2
+
+
+def test_client_that_hangs_up_at_done_is_a_complete_request(http: httpx.Client) -> None:
+    labels = {"tier": "fast", "provider": "local", "endpoint": "completion"}
+    before = scrape(http)
+    body = {"model": "fast", "prompt": "hi", "stream": True, "max_tokens": 4, "min_tokens": 4}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                break  # what SDKs do: stop reading and close at [DONE]
+    time.sleep(1)
+    after = scrape(http)
+    assert value(after, "tierserve_requests_total", **labels, status="200") - value(
+        before, "tierserve_requests_total", **labels, status="200") == 1
+    assert value(after, "tierserve_requests_total", **labels, status="499") == value(
+        before, "tierserve_requests_total", **labels, status="499")
+    assert value(after, "tierserve_completion_tokens_total", tier="fast", provider="local") - value(
+        before, "tierserve_completion_tokens_total", tier="fast", provider="local") == 4
