@@ -186,7 +186,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         yaml.safe_dump(doc, fh)
     print(f"tierserve: serving profile {args.profile} on http://{args.host}:{args.port}/v1", flush=True)
     serve = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen([str(serve), "run", fh.name], start_new_session=True)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: give the child
+    # the default back, or the SIGINT we forward to stop it cleanly would be lost.
+    proc = subprocess.Popen(
+        [str(serve), "run", fh.name],
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
     def forward(signum: int, _frame: object) -> None:
         # SIGTERM to `serve run` orphans vLLM engine processes; SIGINT shuts everything down cleanly.
