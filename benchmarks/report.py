@@ -177,6 +177,18 @@ def _conc_axis(ax: Any, levels: list[int]) -> None:
     ax.set_xlabel("concurrent requests")
 
 
+def _panel(ax: Any, systems: dict, value: Any, ylabel: str, title: str) -> None:
+    """One line per system of `value(level summary)` against concurrency."""
+    for system, levels in systems.items():
+        cs = sorted(levels)
+        ax.plot(cs, [value(levels[c]) or 0 for c in cs], marker="o", label=system)
+    _conc_axis(ax, sorted({c for lv in systems.values() for c in lv}))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+
+
 def plots(results: dict, stem: Path) -> list[Path]:
     import matplotlib
 
@@ -184,39 +196,26 @@ def plots(results: dict, stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+
+    def save(fig: Any, suffix: str) -> None:
+        fig.tight_layout()
+        path = stem.with_name(stem.name + suffix)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
     for ax, (mode, systems) in zip(axes[0], results.items(), strict=False):
-        for system, levels in systems.items():
-            cs = sorted(levels)
-            ax.plot(cs, [levels[c]["output_tok_per_s"] or 0 for c in cs], marker="o", label=system)
-        _conc_axis(ax, sorted({c for lv in systems.values() for c in lv}))
-        ax.set_ylabel("output tokens/s")
-        ax.set_title(f"throughput ({mode})")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path = stem.with_name(stem.name + "-throughput.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+        _panel(ax, systems, lambda lv: lv["output_tok_per_s"], "output tokens/s", f"throughput ({mode})")
+    save(fig, "-throughput.png")
 
     if "stream" in results:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for ax, q in zip(axes, ("p50", "p95"), strict=True):
-            for system, levels in results["stream"].items():
-                cs = sorted(levels)
-                ax.plot(cs, [levels[c]["ttft_ms"][q] or 0 for c in cs], marker="o", label=system)
+            _panel(ax, results["stream"], lambda lv, q=q: lv["ttft_ms"][q], f"TTFT {q} (ms)",
+                   f"time to first token {q} (streaming)")
             ax.set_yscale("log")
-            _conc_axis(ax, sorted({c for lv in results["stream"].values() for c in lv}))
-            ax.set_ylabel(f"TTFT {q} (ms)")
-            ax.set_title(f"time to first token {q} (streaming)")
-            ax.grid(True, alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        path = stem.with_name(stem.name + "-ttft.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "-ttft.png")
     return written
 
 
