@@ -283,10 +283,19 @@ def tierserve(
     cfg = workdir / "models.yaml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    # API keys stay on, as in production: the load generator is an agent with its own key.
+    env = child_env(TIERSERVE_STATE_DIR=str(workdir / "state"))
+    env.pop("TIERSERVE_KEYS_FILE", None)
+    created = subprocess.run(
+        [bin_of("tierserve"), "keys", "--config", str(cfg), "--profile", "bench", "create", "--agent", "bench"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    key = created.stdout.strip()
     port = free_port()
     cmd = [bin_of("tierserve"), "up", "--config", str(cfg), "--profile", "bench", "--host", LOOPBACK,
            "--port", str(port), "--cache-dir", str(workdir / "cache")]  # fmt: skip
-    server = Server("tierserve", cmd, port, served, workdir / "tierserve-up.log", child_env())
+    server = Server("tierserve", cmd, port, served, workdir / "tierserve-up.log", env, api_key=key)
+    note["auth"] = "on (one agent key)" if doc.get("auth", {}).get("enabled", True) else "off"
     note["config"] = doc
     return server, note
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
-from serving.config import AppConfig, Settings, Tier, load_config
+from serving.config import AppConfig, AuthSettings, Settings, Tier, load_config
 from serving.fallback import FallbackServer
 from serving.ingress import Ingress, api
 from serving.tiers import TierServer
@@ -79,7 +79,7 @@ def build(config: AppConfig, cache_dir: Path, state_dir: Path) -> Application:
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.cpus},
     )
-    return ingress.bind(config, tiers, fallback)
+    return ingress.bind(config, tiers, fallback, str(state_dir), AuthSettings())
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -178,6 +178,8 @@ def serve_config(deployment: Path, config: str, profile: str, cache_dir: str, ho
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Prepare the weights, then `serve run` the deployment; stop it with SIGINT, Ray's clean path."""
+    from serving.auth import auth_disabled_warning
+
     code = cmd_fetch_models(args)
     if code:
         return code
@@ -185,11 +187,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="tierserve-", delete=False) as fh:
         yaml.safe_dump(doc, fh)
     print(f"tierserve: serving profile {args.profile} on http://{args.host}:{args.port}/v1", flush=True)
+    warning = auth_disabled_warning(load_config(args.config, args.profile), args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     serve = Path(sys.executable).with_name("serve")
     # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: give the child
     # the default back, or the SIGINT we forward to stop it cleanly would be lost.
+    env = dict(os.environ)
+    if not env.get("RAY_ADDRESS"):
+        # `serve run` starts a one-node Ray here: with Ray's "no cluster" mode its node address is loopback, so
+        # GCS, raylet, object manager, dashboard and metrics agent listen on 127.0.0.1 only. (A cluster's nodes
+        # are started by `ray start --node-ip-address` on the private network instead; see deployments/.)
+        env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     proc = subprocess.Popen(
         [str(serve), "run", fh.name],
+        env=env,
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )

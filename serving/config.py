@@ -131,6 +131,9 @@ class Tier(Strict):
     # Defined further down (issue 4 models are appended); the factories keep the names resolvable.
     overflow: OverflowPolicy = Field(default_factory=lambda: OverflowPolicy())
     cost_per_gpu_hour_usd: Annotated[float, Field(ge=0)] | None = None  # to compare local cost with providers
+    # What an hour of this tier costs (its share of the node); None: cost_per_gpu_hour_usd x resources.gpus.
+    # Charged to API keys per request-second (serving/admission.py).
+    cost_per_hour_usd: Annotated[float, Field(ge=0)] | None = None
     # Largest max_tokens a request may ask of this tier (issue 6); None: the tier's engine.max_model_len.
     max_tokens_cap: Annotated[int, Field(gt=0)] | None = None
 

@@ -20,7 +20,11 @@ from serving.telemetry import RequestMetrics, estimate_wait_s, relabel, waiting_
 
 log = logging.getLogger(__name__)
 FANOUT_TIMEOUT_S = 5.0
-STATE_TTL_S = 1.0  # replica counts and provider states the router sees are at most this old
+STATE_TTL_S = 1.0  # provider states, and replica counts while replicas change, are at most this old
+# Replica counts when every replica is RUNNING. serve.status() is the ingress's costliest background call (the
+# controller's answer is cloudpickled, ~29% of the ingress's busy samples when polled every second under
+# load); steady state needs it rarely, and a failed tier call or a changing replica set polls every second.
+STABLE_REPLICAS_TTL_S = 10.0
 ENGINE_STATS_EVERY = 5  # refreshes between reads of the engines' waiting counts
 
 
@@ -37,6 +41,8 @@ class Fleet:
         self.providers: dict[str, ProviderState] = {}
         self.fallback: Any = None
         self.refreshing: asyncio.Task[None] | None = None
+        self.settled = False  # every tier's replicas RUNNING at the last serve.status()
+        self.replicas_read_at = -float("inf")  # loop time of that read
 
     def tier_states(self, metrics: RequestMetrics) -> dict[str, TierState]:
         out = {}
@@ -76,27 +82,38 @@ class Fleet:
             rounds += 1
             await asyncio.sleep(STATE_TTL_S)
 
-    def refresh_soon(self) -> None:
-        """A provider call just changed breaker or budget state: don't let the router act on the old one."""
+    def refresh_soon(self, replicas: bool = False) -> None:
+        """A provider call just changed breaker or budget state, or (`replicas`) a tier call failed: don't let
+        the router act on the old view."""
+        if replicas:
+            self.settled = False  # and poll replica counts every second until they settle again
         if self.refreshing is not None:
-            asyncio.get_running_loop().create_task(self.refresh_states())
+            asyncio.get_running_loop().create_task(self.refresh_states(replicas))
 
-    async def refresh_states(self) -> None:
-        from ray import serve
-
-        try:
-            status = await asyncio.to_thread(serve.status)
-            deployments = status.applications[self.app_name].deployments
-            self.replicas = {
-                name: int(deployments[f"tier-{name}"].replica_states.get("RUNNING", 0)) for name in self.config.tiers
-            }
-        except Exception as exc:  # the controller is busy or restarting: keep the last known counts
-            log.debug("replica counts unavailable: %s", exc)
+    async def refresh_states(self, replicas: bool = False) -> None:
+        now = asyncio.get_running_loop().time()
+        if replicas or not self.settled or now - self.replicas_read_at >= STABLE_REPLICAS_TTL_S:
+            await self.refresh_replicas()
         if self.fallback is not None:
             try:
                 self.providers = await asyncio.wait_for(self.fallback.states.remote(), FANOUT_TIMEOUT_S)
             except Exception as exc:
                 log.warning("provider states unavailable: %s", exc)
+
+    async def refresh_replicas(self) -> None:
+        from ray import serve
+
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[self.app_name].deployments
+            states = {name: deployments[f"tier-{name}"].replica_states for name in self.config.tiers}
+        except Exception as exc:  # the controller is busy or restarting: keep the last known counts
+            log.debug("replica counts unavailable: %s", exc)
+            self.settled = False
+            return
+        self.replicas = {name: int(s.get("RUNNING", 0)) for name, s in states.items()}
+        self.settled = all(state == "RUNNING" or not n for s in states.values() for state, n in s.items())
+        self.replicas_read_at = asyncio.get_running_loop().time()
 
     def scales_to_zero(self, tier: str) -> bool:
         return self.config.tiers[tier].replicas.min == 0

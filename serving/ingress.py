@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,7 +25,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.config import AppConfig
+from serving.admission import Admission, KeySpec
+from serving.auth import KeyRecord, KeyStoreError
+from serving.config import AppConfig, AuthSettings, Settings
 from serving.errors import APIError, from_validation_errors
 from serving.fleet import Fleet, ListCollector
 from serving.gpu import SnapshotCollector
@@ -69,17 +72,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
 
 
-async def read_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
-
-
 def build_fastapi() -> FastAPI:
     app = FastAPI(title="tierserve", docs_url=None, redoc_url=None)
     install_error_handlers(app)
@@ -93,7 +85,14 @@ api = build_fastapi()
 class Ingress:
     """Holds the tier handles; `serving.app` wraps it with serve.deployment + serve.ingress(api)."""
 
-    def __init__(self, config: AppConfig, tiers: dict[str, Any], fallback: Any = None) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        tiers: dict[str, Any],
+        fallback: Any = None,
+        state_dir: str | None = None,
+        auth_settings: AuthSettings | None = None,
+    ) -> None:
         self.config = config
         self.tiers = tiers
         self.fallback = fallback  # the provider deployment's handle; None when no provider is configured
@@ -104,6 +103,8 @@ class Ingress:
         self.tracing = Tracing("tierserve-ingress")
         self.registry = CollectorRegistry()  # per ingress, no process-global state
         self.metrics = RequestMetrics(self.registry)
+        self.admission = Admission(config, Path(state_dir) if state_dir else Settings().state_dir, self.registry,
+                                   auth_settings)
         self.registry.register(SnapshotCollector(lambda: self.fleet.gpu_snapshots))
         self.registry.register(ListCollector(lambda: self.fleet.engine_families))
         self.keep_warm = {
@@ -157,9 +158,13 @@ class Ingress:
     # -- OpenAI routes ------------------------------------------------------------------------------
 
     @api.get("/v1/models")
-    def models(self) -> dict[str, Any]:
+    def models(self, request: Request) -> dict[str, Any]:
+        """The names this key may use: tiers, served names, aliases, and `auto`."""
+        key = self.admission.authenticate(request)
         data = []
         for name, tier_name in self.names.items():
+            if not key.allows(tier_name):
+                continue
             tier = self.config.tiers[tier_name]
             data.append(
                 {
@@ -176,6 +181,57 @@ class Ingress:
                      "tier": None, "served_name": None, "max_model_len": None})
         return {"object": "list", "data": data}
 
+    @api.get("/v1/usage")
+    def usage(self, request: Request) -> dict[str, Any]:
+        """The calling key's limits, its current minute, and its day and month totals and budget."""
+        return self.admission.usage(self.admission.authenticate(request))
+
+    # -- admin routes: an admin key only (never an agent key), off the /v1 surface ----------------------
+
+    @api.get("/admin/usage")
+    def admin_usage(self, request: Request) -> dict[str, Any]:
+        self.admission.authenticate_admin(request)
+        return self.admission.usage_all()
+
+    @api.get("/admin/keys")
+    def admin_keys(self, request: Request) -> dict[str, Any]:
+        self.admission.authenticate_admin(request)
+        return {"object": "list", "data": [k.public() for k in self.admission.keys.list()]}
+
+    @api.post("/admin/keys")
+    async def admin_create_key(self, request: Request) -> Response:
+        """Create an agent key; the response is the only place its plaintext ever appears."""
+        self.admission.authenticate_admin(request)
+        spec = KeySpec.parse(await self.admission.read_body(request))
+        try:
+            plaintext, record = self.admission.keys.create(
+                spec.agent, spec.tiers, spec.rpm, spec.tpm, spec.budget_usd, spec.default_tier,
+                budget_period=spec.budget_period, known_tiers=self.config.tiers,
+            )
+        except KeyStoreError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+        self.admission.keys.reload()
+        body = {"key": plaintext, **record.public()}
+        return Response(orjson.dumps(body), status_code=201, media_type="application/json")
+
+    @api.delete("/admin/keys/{key_id}")
+    def admin_revoke_key(self, key_id: str, request: Request) -> dict[str, Any]:
+        self.admission.authenticate_admin(request)
+        try:
+            changed = self.admission.keys.revoke(key_id)
+        except KeyStoreError as exc:
+            raise APIError(404, str(exc), param="key_id", code="not_found") from None
+        self.admission.keys.reload()
+        return {"object": "list", "data": [k.public() for k in changed]}
+
+    @api.post("/admin/reload")
+    def admin_reload(self, request: Request) -> dict[str, Any]:
+        """Re-read the key store now (it is also re-read on change within `auth.reload_interval_s`).
+        Tier and routing changes are deployed with `serve deploy`, which Ray Serve applies in place."""
+        self.admission.authenticate_admin(request)
+        self.admission.keys.reload()
+        return {"reloaded": "keys", "keys": len(self.admission.keys.list(include_revoked=False))}
+
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self.generate("chat", request)
@@ -187,32 +243,41 @@ class Ingress:
     async def generate(self, endpoint: str, request: Request) -> Response:
         if self.fleet.refreshing is None:
             self.start_background()
+        admission = self.admission
         with self.tracing.span("tierserve.ingress", endpoint=endpoint) as span:
             try:
-                body = await read_body(request)
-                stream = body.get("stream", False)
-                if not isinstance(stream, bool):
-                    raise APIError(400, "stream: must be a boolean", param="stream")
+                key = admission.authenticate(request)
+                body = await admission.read_body(request)
+                admission.check_shape(key, endpoint, body)
+                stream = bool(body.get("stream"))  # a bool or null: check_shape said so
                 with self.tracing.span("tierserve.route"):
-                    decision, prompt_tokens = self.route(endpoint, body, request.headers)
+                    decision, prompt_tokens = self.route(endpoint, body, request.headers, key)
+                tier = decision.tier or "none"
+                admission.admit(key, endpoint, body, tier)
             except APIError as exc:
                 self.metrics.requests.labels("none", LOCAL, endpoint, str(exc.status)).inc()
                 raise
-            tier = decision.tier or "none"
             if span is not None:
-                span.set_attributes({"tierserve.tier": tier, "tierserve.reason": decision.reason})
+                span.set_attributes({"tierserve.tier": tier, "tierserve.reason": decision.reason,
+                                     "tierserve.agent": key.agent})
             record = self.metrics.begin(tier, endpoint)
+            record.on_finish = lambda rec, status, prompt, completion, cost, took: admission.account(
+                key, status, admission.spend(rec.tier, rec.provider, took, prompt, completion, cost)
+            )
             try:
                 return await self._serve(decision, prompt_tokens, endpoint, body, stream, record)
             except BaseException:
                 record.finish(500)  # no-op when the record already finished
                 raise
 
-    def route(self, endpoint: str, body: dict[str, Any], headers: Any) -> tuple[Decision, int]:
+    def route(self, endpoint: str, body: dict[str, Any], headers: Any, key: KeyRecord) -> tuple[Decision, int]:
         model = body.get("model")
         if not isinstance(model, str):
             raise APIError(400, "model: " + ("field required" if model is None else "must be a string"), param="model")
-        facts = facts_from_body(endpoint, body, headers, self.config.routing)  # type: ignore[arg-type]
+        facts = facts_from_body(
+            endpoint, body, headers, self.config.routing,  # type: ignore[arg-type]
+            default_tier=key.default_tier, allowed=key.tiers,
+        )
         decision = self.router.route(facts, self.fleet.tier_states(self.metrics), self.provider_states())
         if decision.kind == "reject":
             raise decision.error()
@@ -247,6 +312,8 @@ class Ingress:
             if cand.kind == "provider":
                 self.fleet.refresh_soon()
             if isinstance(answer, Result) and answer.failover:
+                if cand.kind == "tier":
+                    self.fleet.refresh_soon(replicas=True)  # a replica may be gone: re-read the counts now
                 last = answer
                 failures.append(f"{cand.kind} {cand.name} failed ({answer.status}: {_error_message(answer)[:160]})")
                 continue

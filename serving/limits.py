@@ -332,10 +332,15 @@ def check_request(
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise _bad("stream", "must be a boolean")
     _check_int(body, "n", 1, limits.max_n, "this server's limit")
-    low = 1 if endpoint == "chat" else 0  # a completion may ask 0 tokens (echo + prompt logprobs scoring)
-    for name in ("max_tokens", "max_completion_tokens"):
-        _check_int(body, name, low, tier_cap if tier_cap is not None else _INT64_MAX, "this model's cap")
+    check_max_tokens(endpoint, body, tier_cap)
     if endpoint == "chat":
         _check_messages(body, limits)
     else:
         _check_prompt(body, limits)
+
+
+def check_max_tokens(endpoint: str, body: dict[str, Any], tier_cap: int | None) -> None:
+    """`max_tokens` / `max_completion_tokens`: integers, within the resolved tier's cap (None: only the type)."""
+    low = 1 if endpoint == "chat" else 0  # a completion may ask 0 tokens (echo + prompt logprobs scoring)
+    for name in ("max_tokens", "max_completion_tokens"):
+        _check_int(body, name, low, tier_cap if tier_cap is not None else _INT64_MAX, "this model's cap")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +44,9 @@ class RequestFacts:
     prompt_tokens: int = 0  # estimate_tokens() or an exact count
     max_tokens: int | None = None
     text: str = ""  # what `auto` rules read: the last user message (or prompt), at most scan_chars
+    # The caller's API key: the tier `auto` falls back to, and the tiers `auto` may pick (None: all).
+    default_tier: str | None = None
+    allowed: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,9 @@ def facts_from_body(
     headers: Mapping[str, str],
     routing: RoutingConfig,
     prompt_tokens: int | None = None,
+    *,
+    default_tier: str | None = None,
+    allowed: Iterable[str] | None = None,
 ) -> RequestFacts:
     """Extract routing facts from a parsed request body; tolerant of malformed fields (the tier validates)."""
     model = body.get("model")
@@ -161,6 +167,8 @@ def facts_from_body(
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
         text=_clip(text, routing.scan_chars),
+        default_tier=default_tier,
+        allowed=frozenset(allowed) if allowed is not None else None,
     )
 
 
@@ -250,11 +258,15 @@ class Router:
         if facts.model == "auto":
             is_code: list[bool | None] = [None]
             lowered = facts.text.lower() if self.rules else ""
+            allowed = facts.allowed
             for rule in self.rules:
+                if allowed is not None and rule.tier not in allowed:
+                    continue  # `auto` never picks a tier the caller's key may not use
                 hit = rule.match(facts, lowered, is_code)
                 if hit:
                     return rule.tier, f"auto:{hit}->{rule.tier}", True, None
-            return self.default_tier, f"auto:default->{self.default_tier}", True, None
+            default = self._auto_default(facts)
+            return default, f"auto:default->{default}", True, None
         tier = self.names.get(facts.model)
         if tier is None:
             known = ", ".join(sorted([*self.names, "auto"]))
@@ -262,6 +274,14 @@ class Router:
             reject = Decision("reject", None, None, msg, status=404, code="model_not_found", param="model")
             return None, "", False, reject
         return tier, f"model:{tier}", False, None
+
+    def _auto_default(self, facts: RequestFacts) -> str:
+        """The key's default tier, else the catalog's, else (the key may not use that) its first allowed tier."""
+        allowed = facts.allowed
+        for tier in (facts.default_tier, self.default_tier):
+            if tier in self.tiers and (allowed is None or tier in allowed):
+                return tier
+        return next((t for t in self.tiers if allowed is not None and t in allowed), self.default_tier)
 
     # -- step 2: where ------------------------------------------------------------------------------
 

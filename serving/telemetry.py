@@ -7,7 +7,7 @@ Each request costs a handful of metric operations at its start and end, none per
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -77,6 +77,8 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     first_chunk: float | None = None
     done: bool = False
+    # Called once at the end with (record, status, prompt, completion, cost, duration): per-key accounting.
+    on_finish: Callable[[RequestRecord, int | str, int, int, float, float], None] | None = None
 
     def first(self) -> None:
         self.first_chunk = time.perf_counter()
@@ -106,6 +108,8 @@ class RequestRecord:
             m.completion_tokens.labels(self.tier, self.provider).inc(completion_tokens)
         if self.first_chunk is not None and completion_tokens > 1:
             m.itl.labels(self.tier, self.provider).observe((now - self.first_chunk) / (completion_tokens - 1))
+        if self.on_finish is not None:
+            self.on_finish(self, status, prompt_tokens, completion_tokens, cost_usd, now - self.started)
 
 
 def engine_metrics_text(registry: CollectorRegistry) -> str:

@@ -147,16 +147,28 @@ class TierServer:
                 # vLLM says `input_tokens`; OpenAI names the field the client sent.
                 exc.param = "messages" if endpoint == "chat" else "prompt"
             raise
+        except Exception as exc:
+            # Nothing escapes a tier call as an exception: vLLM's request models raise its own
+            # VLLMValidationError (not a pydantic error) from validators, e.g. for an empty prompt; vLLM's
+            # mapping makes those 400s and the rest 5xx.
+            raise self._map_exception(exc) from exc
 
     async def _submit(self, endpoint: str, body: dict[str, Any]) -> Any:
         """Validate with vLLM's protocol types and hand the request to vLLM's serving code."""
         if endpoint not in ENDPOINTS:
             raise APIError(404, f"unknown endpoint {endpoint!r}")
         body = {**body, "model": self.tier.served_name}
+        request_type = self.request_types[endpoint]
         try:
-            request = self.request_types[endpoint].model_validate(body)
+            request = request_type.model_validate(body)
         except ValidationError as exc:
             raise from_validation_errors(exc.errors()) from None
+        except Exception as exc:
+            # Some of vLLM's validators crash on a wrong type instead of reporting it (e.g. AttributeError for
+            # `structured_outputs: true`): still the request's fault, so a 400, naming the field if one is.
+            param = _culprit(request_type, body)
+            where = f"{param}: " if param else ""
+            raise APIError(400, f"{where}invalid value ({type(exc).__name__}: {exc})", param=param) from None
         if self.engine.errored:
             raise APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting")
         try:
@@ -197,9 +209,9 @@ class TierServer:
         if not hasattr(result, "model_dump"):  # a generator: the body asked for stream=true
             return Result.error(APIError(400, "stream=true must use the streaming path", param="stream"))
         usage = result.usage
-        return Result(
-            200, orjson.dumps(result.model_dump(exclude_none=True)), usage.prompt_tokens, usage.completion_tokens or 0
-        )
+        # NON_STR_KEYS: `prompt_logprobs` are keyed by token id; JSON writes those keys as strings (as vLLM does).
+        body = orjson.dumps(result.model_dump(exclude_none=True), option=orjson.OPT_NON_STR_KEYS)
+        return Result(200, body, usage.prompt_tokens, usage.completion_tokens or 0)
 
     async def stream(
         self, endpoint: str, body: dict[str, Any], trace: dict[str, str] | None = None
@@ -331,6 +343,19 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside a Serve replica (direct use in tests or scripts)
         return str(os.getpid())
+
+
+def _culprit(request_type: Any, body: dict[str, Any]) -> str | None:
+    """The top-level field without which `body` validates (error path only: one validation per field)."""
+    for name in body:
+        if name in ("model", "messages", "prompt"):
+            continue
+        try:
+            request_type.model_validate({k: v for k, v in body.items() if k != name})
+        except Exception:
+            continue
+        return name
+    return None
 
 
 def _translate_sse(chunk: str) -> bytes:

@@ -7,7 +7,9 @@ the teardown fails the run if any engine process outlives it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,9 +39,13 @@ TIERS = ("coder", "reasoning", "fast")  # the tiers that must be up before tests
 # Ray counts 2 logical CPUs here: tiers at 0.25 each leave room for the extra `fast` and `spare` replicas
 # (4 x 0.25 + 0.25 more for fast + 0.25 ingress = 1.5), so scaling is never stuck waiting for resources.
 TEST_OVERLAY = {
+    # Keys on, as in production; the key file is re-read on every request so revocations show at once.
+    "auth": {"enabled": True, "reload_interval_s": 0},
+    "limits": {"body_timeout_s": 3},  # a stalled upload is cut after 3 s (the fuzz test's slow client)
     "tiers": {
         "coder": {"resources": {"cpus": 0.25}},
-        "reasoning": {"resources": {"cpus": 0.25},
+        # A price per hour, so a key's budget can run out on a local tier: $1 per request-millisecond.
+        "reasoning": {"resources": {"cpus": 0.25}, "cost_per_hour_usd": 3_600_000,
                       "replicas": {"keep_warm_hours": "00:00-00:00", "keep_warm_interval_s": 2}},
         "fast": {"resources": {"cpus": 0.25},
                  "replicas": {"min": 1, "max": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
@@ -183,11 +190,29 @@ def engine_processes(exclude_session: int | None = None) -> list[psutil.Process]
     return found
 
 
-def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> float:
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def tierserve_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("tierserve")), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def create_key(env: dict[str, str], config: Path, *options: str) -> str:
+    """`tierserve keys create ...` as an operator runs it; returns the plaintext key it printed once."""
+    out = tierserve_cli("keys", "--config", str(config), "--profile", "test", "create", *options, env=env)
+    assert out.returncode == 0, out.stderr
+    keys = [word for word in out.stdout.split() if word.startswith("ts_")]
+    assert len(keys) == 1, out.stdout
+    return keys[0]
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float, key: str) -> float:
     """Ready = every tier has generated a token through the ingress (not merely: the process is up)."""
     start = time.monotonic()
     pending = set(TIERS)
-    with httpx.Client(base_url=base, timeout=30) as client:
+    with httpx.Client(base_url=base, timeout=30, headers=auth(key)) as client:
         while pending:
             if proc.poll() is not None:
                 raise RuntimeError(f"tierserve up exited with {proc.returncode} before it was ready")
@@ -246,27 +271,43 @@ def otlp() -> Iterator[OtlpReceiver]:
     receiver.server.shutdown()
 
 
+@dataclass(frozen=True)
+class App:
+    url: str
+    key: str  # an unrestricted agent key, created with `tierserve keys create` before the start
+    admin_key: str  # its sha256 is in TIERSERVE_ADMIN_KEY_SHA256
+    env: dict[str, str]  # the app's environment: `tierserve keys` with it edits the live key store
+    config: Path
+    state_dir: Path
+    log_path: Path
+
+
 @pytest.fixture(scope="session")
-def app_url(
+def app(
     tmp_path_factory: pytest.TempPathFactory, app_config_path: Path, otlp: OtlpReceiver, upstream: Upstream
-) -> Iterator[str]:
+) -> Iterator[App]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("app") / "tierserve-up.log"
+    state_dir = tmp_path_factory.mktemp("state")
+    admin_key = "admin-" + secrets.token_urlsafe(32)
     # Tracing on, exported to the test's receiver quickly (the exporter's default batch delay is 5 s).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url,
-           "OTEL_BSP_SCHEDULE_DELAY": "200", "TIERSERVE_STATE_DIR": str(tmp_path_factory.mktemp("state"))}
+           "OTEL_BSP_SCHEDULE_DELAY": "200", "TIERSERVE_STATE_DIR": str(state_dir),
+           "TIERSERVE_ADMIN_KEY_SHA256": hashlib.sha256(admin_key.encode()).hexdigest()}
     env.pop("RAY_ADDRESS", None)
+    env.pop("TIERSERVE_KEYS_FILE", None)
+    key = create_key(env, app_config_path, "--agent", "e2e")
     cmd = [str(Path(sys.executable).with_name("tierserve")), "up", "--port", str(port),
            "--config", str(app_config_path), "--profile", "test"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        took = wait_ready(base, proc, START_TIMEOUT_S)
+        took = wait_ready(base, proc, START_TIMEOUT_S, key)
         upstream.wait(START_TIMEOUT_S)
         print(f"\n[tierserve] app ready in {took:.1f}s on {base}")
         _report_memory()
-        yield base
+        yield App(base, key, admin_key, env, app_config_path, state_dir, log_path)
     except BaseException:
         print(log_path.read_text()[-6000:])
         raise
@@ -281,6 +322,16 @@ def app_url(
             p.kill()
         assert not leftovers, f"processes outlived `tierserve up`: {[p.info['cmdline'][:2] for p in leftovers]}"
     assert proc.returncode == 0, f"tierserve up exited with {proc.returncode}"
+
+
+@pytest.fixture(scope="session")
+def app_url(app: App) -> str:
+    return app.url
+
+
+@pytest.fixture(scope="session")
+def api_key(app: App) -> str:
+    return app.key
 
 
 def _wait_gone(timeout_s: float, exclude_session: int) -> list[psutil.Process]:

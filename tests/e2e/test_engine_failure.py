@@ -9,6 +9,8 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import auth
+
 BODY = {"model": "reasoning", "prompt": "hello", "max_tokens": 4, "min_tokens": 4}
 
 
@@ -22,8 +24,8 @@ def engine_core_of(tier: str) -> psutil.Process:
 
 
 @pytest.mark.disruptive
-def test_engine_death_is_a_5xx_then_the_tier_recovers(app_url: str) -> None:
-    with httpx.Client(base_url=app_url, timeout=60) as http:
+def test_engine_death_is_a_5xx_then_the_tier_recovers(app_url: str, api_key: str) -> None:
+    with httpx.Client(base_url=app_url, timeout=60, headers=auth(api_key)) as http:
         assert http.post("/v1/completions", json=BODY).status_code == 200
         engine_core_of("reasoning").send_signal(signal.SIGKILL)
 
@@ -60,8 +62,8 @@ def replica_process(tier: str) -> psutil.Process:
 
 
 @pytest.mark.disruptive
-def test_readiness_fails_when_a_replica_dies_and_recovers(app_url: str) -> None:
-    with httpx.Client(base_url=app_url, timeout=60) as http:
+def test_readiness_fails_when_a_replica_dies_and_recovers(app_url: str, api_key: str) -> None:
+    with httpx.Client(base_url=app_url, timeout=60, headers=auth(api_key)) as http:
         assert http.get("/health/ready").status_code == 200
         replica_process("coder").send_signal(signal.SIGKILL)
         seen = []

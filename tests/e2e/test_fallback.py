@@ -13,13 +13,15 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import auth
+
 LONG = "plan the deploy because the result " * 70  # ~600 estimated tokens: over the tiny tiers' 512 window
 ASK = [{"role": "user", "content": "hello there"}]
 
 
 @pytest.fixture(scope="module")
-def http(app_url: str) -> httpx.Client:
-    with httpx.Client(base_url=app_url, timeout=120) as c:
+def http(app_url: str, api_key: str) -> httpx.Client:
+    with httpx.Client(base_url=app_url, timeout=120, headers=auth(api_key)) as c:
         yield c
 
 
@@ -134,11 +136,13 @@ def test_breaker_opens_budget_skips_then_half_open_probe_closes(http: httpx.Clie
     assert paid.stats.connections == 0  # paid use is off: never contacted
 
 
-def test_64_concurrent_requests_to_a_small_queue_are_all_accounted_for(app_url: str, proxies: dict) -> None:
+def test_64_concurrent_requests_to_a_small_queue_are_all_accounted_for(
+    app_url: str, api_key: str, proxies: dict
+) -> None:
     peer_before = proxies["peer"].stats.requests
 
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=app_url, timeout=180) as client:
+        async with httpx.AsyncClient(base_url=app_url, timeout=180, headers=auth(api_key)) as client:
             body = {"model": "coder", "messages": ASK, "max_tokens": 16, "min_tokens": 16}
             return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(64)))
 

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from serving.config import load_config
+from tests.conftest import auth
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = load_config(ROOT / "models.yaml", "local")
@@ -21,13 +22,13 @@ FIXED = {"temperature": 0, "seed": 7, "max_tokens": 12, "extra_body": {"min_toke
 
 
 @pytest.fixture(scope="module")
-def client(app_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0, timeout=60)
+def client(app_url: str, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app_url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
-def http(app_url: str) -> httpx.Client:
-    with httpx.Client(base_url=app_url, timeout=60) as c:
+def http(app_url: str, api_key: str) -> httpx.Client:
+    with httpx.Client(base_url=app_url, timeout=60, headers=auth(api_key)) as c:
         yield c
 
 
@@ -126,9 +127,9 @@ def test_health(http: httpx.Client) -> None:
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
-def test_32_concurrent_requests_all_succeed(app_url: str) -> None:
+def test_32_concurrent_requests_all_succeed(app_url: str, api_key: str) -> None:
     async def run() -> list[Any]:
-        aclient = openai.AsyncOpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        aclient = openai.AsyncOpenAI(base_url=f"{app_url}/v1", api_key=api_key, max_retries=0, timeout=120)
         tiers = ["coder", "fast", "reasoning"]
 
         async def one(i: int) -> Any:

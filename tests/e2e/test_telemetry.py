@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.dashboard import missing_metrics
+from tests.conftest import auth
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "count the tokens"}]
@@ -32,14 +33,14 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def http(app_url: str) -> httpx.Client:
-    with httpx.Client(base_url=app_url, timeout=120) as c:
+def http(app_url: str, api_key: str) -> httpx.Client:
+    with httpx.Client(base_url=app_url, timeout=120, headers=auth(api_key)) as c:
         yield c
 
 
-def test_metrics_count_exactly_what_was_served(http: httpx.Client, app_url: str) -> None:
+def test_metrics_count_exactly_what_was_served(http: httpx.Client, app_url: str, api_key: str) -> None:
     before = scrape(http)
-    client = openai.OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{app_url}/v1", api_key=api_key, max_retries=0)
     prompt_tokens = completion_tokens = 0
     for _ in range(3):
         r = client.chat.completions.create(model="coder", messages=MESSAGES, max_tokens=5,
@@ -129,13 +130,13 @@ def test_scale_to_zero_tier_serves_after_cold_start_then_goes_cold(http: httpx.C
     print(f"[tierserve] spare tier back to zero replicas {took:.1f}s after its request")
 
 
-def test_tier_scales_up_under_load_and_back_down(http: httpx.Client, app_url: str) -> None:
+def test_tier_scales_up_under_load_and_back_down(http: httpx.Client, app_url: str, api_key: str) -> None:
     assert tier_state(http, "fast")["replicas"] == 1
     stop = time.monotonic() + 240
 
     async def load() -> tuple[int, int]:
         ok = failed = 0
-        async with httpx.AsyncClient(base_url=app_url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=app_url, timeout=120, headers=auth(api_key)) as client:
             async def worker() -> None:
                 nonlocal ok, failed
                 while time.monotonic() < stop and tier_state_cache["replicas"] < 2:
@@ -182,7 +183,7 @@ def test_trace_spans_cover_the_request_path(http: httpx.Client, otlp) -> None:
     assert attrs["tier"] in ("coder", "fast", "reasoning", "spare")
 
 
-def test_gpus_command_prints_the_appliance_nodes(app_url: str) -> None:
+def test_gpus_command_prints_the_appliance_nodes(app_url: str, api_key: str) -> None:
     import subprocess
     import sys
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from starlette.requests import Request
+
 from serving.config import deep_merge, load_config
 from serving.ingress import Ingress
 
@@ -23,14 +25,15 @@ def config_with_keep_warm(tmp_path: Path):
 
 
 def test_builds_without_a_loop_and_starts_keep_warm_later(tmp_path: Path) -> None:
-    ingress = Ingress(config_with_keep_warm(tmp_path), {})
+    ingress = Ingress(config_with_keep_warm(tmp_path), {}, None, str(tmp_path))
     assert ingress.keep_warm_task is None and set(ingress.keep_warm) == {"fast"}
-    assert ingress.models()["data"][-1]["id"] == "auto"
+    # The local profile runs without keys (explicitly): an anonymous caller sees every name.
+    assert ingress.models(Request({"type": "http", "headers": []}))["data"][-1]["id"] == "auto"
 
 
 def test_builds_inside_a_loop_and_starts_keep_warm_at_once(tmp_path: Path) -> None:
     async def build() -> bool:
-        ingress = Ingress(config_with_keep_warm(tmp_path), {})
+        ingress = Ingress(config_with_keep_warm(tmp_path), {}, None, str(tmp_path))
         started = ingress.keep_warm_task is not None and ingress.fleet.refreshing is not None
         ingress.keep_warm_task.cancel()
         ingress.fleet.refreshing.cancel()

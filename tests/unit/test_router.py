@@ -272,3 +272,23 @@ def test_config_rejects_bad_routing_refs() -> None:
         config(providers=[p, p])
     with pytest.raises(ConfigError, match="regex"):
         config(routing={"rules": [{"tier": "fast", "regex": "("}]})
+
+
+def keyed(text: str, default_tier: str | None, allowed: list[str] | None) -> RequestFacts:
+    body = {"model": "auto", "messages": [{"role": "user", "content": text}]}
+    return facts_from_body("chat", body, {}, config().routing, default_tier=default_tier, allowed=allowed)
+
+
+@pytest.mark.parametrize(("text", "default_tier", "allowed", "tier"), [
+    ("hello there", "reasoning", None, "reasoning"),  # the key's default replaces the catalog's (fast)
+    ("hello there", None, None, "fast"),
+    ("please refactor this", "fast", None, "coder"),  # a matching rule still wins over the key's default
+    ("please refactor this", "fast", ["fast", "reasoning"], "fast"),  # ...unless the key may not use its tier
+    ("please refactor this and plan it", None, ["fast", "reasoning"], "reasoning"),  # the next rule that may
+    ("hello there", None, ["coder"], "coder"),  # catalog default not allowed: the key's first allowed tier
+    ("hello there", "gone", None, "fast"),  # a default tier no longer in the catalog is ignored
+])
+def test_auto_respects_the_callers_key(router: Router, text: str, default_tier: str | None,
+                                       allowed: list[str] | None, tier: str) -> None:
+    decision = router.route(keyed(text, default_tier, allowed))
+    assert decision.tier == tier, decision.reason
