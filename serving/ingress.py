@@ -21,17 +21,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.admission import Admission, KeySpec
-from serving.auth import KeyRecord, KeyStoreError
+from serving.auth import KeyRecord, KeyStoreError, install_redaction
 from serving.config import AppConfig, AuthSettings, Settings
 from serving.errors import APIError, from_validation_errors
 from serving.fleet import Fleet, ListCollector
 from serving.gpu import SnapshotCollector
 from serving.health import ReadinessProber
+from serving.limits import request_timeout_s
 from serving.router import Decision, ProviderState, Router, facts_from_body
 from serving.telemetry import LOCAL, RequestMetrics, RequestRecord
 from serving.tiers import Result, Usage
@@ -103,6 +104,9 @@ class Ingress:
         self.tracing = Tracing("tierserve-ingress")
         self.registry = CollectorRegistry()  # per ingress, no process-global state
         self.metrics = RequestMetrics(self.registry)
+        install_redaction()  # this replica's logs never show a key, whoever logs it
+        install_redaction(logging.getLogger("ray.serve"))
+        self.log_prompts = config.auth.log_prompts
         self.admission = Admission(config, Path(state_dir) if state_dir else Settings().state_dir, self.registry,
                                    auth_settings)
         self.registry.register(SnapshotCollector(lambda: self.fleet.gpu_snapshots))
@@ -260,6 +264,8 @@ class Ingress:
             if span is not None:
                 span.set_attributes({"tierserve.tier": tier, "tierserve.reason": decision.reason,
                                      "tierserve.agent": key.agent})
+            if self.log_prompts:  # off by default: prompts are the agents' data
+                log.info("request agent=%s tier=%s body=%s", key.agent, tier, orjson.dumps(body).decode())
             record = self.metrics.begin(tier, endpoint)
             record.on_finish = lambda rec, status, prompt, completion, cost, took: admission.account(
                 key, status, admission.spend(rec.tier, rec.provider, took, prompt, completion, cost)
@@ -361,6 +367,13 @@ class Ingress:
         except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
             # The replica died mid-call or its queue is full: retryable elsewhere.
             return Result.error(APIError(503, f"{t.kind} {t.name} is unavailable: {type(exc).__name__}"))
+        except RayTaskError:
+            raise  # the tier's own code failed (a bug, since tier calls return their errors): a 500, not hidden
+        except Exception as exc:
+            # Transport trouble between the replicas (e.g. a new replica's gRPC server not yet answering
+            # while the tier scales up): nothing has reached the client, so another candidate may answer.
+            log.warning("%s %s: call failed before answering: %r", t.kind, t.name, exc)
+            return Result.error(APIError(503, f"{t.kind} {t.name} is unavailable: {type(exc).__name__}"))
         if isinstance(first, Result):
             return first
         return first, chunks
@@ -371,7 +384,7 @@ class Ingress:
     def first_byte_timeout(self, tier: str, kind: str = "tier") -> float:
         """A tier that scales to zero may be warming up: bound that wait by its overflow policy."""
         t = self.config.tiers[tier]
-        limit = self.config.ingress.request_timeout_s
+        limit = request_timeout_s(self.config)
         return min(limit, t.overflow.max_cold_wait_s) if kind == "tier" and t.replicas.min == 0 else limit
 
 

@@ -64,7 +64,7 @@ def http(app_url: str, api_key: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def reference(http: httpx.Client) -> Iterator[str]:
+def reference(http: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The text of a normal request before the fuzzing; compared with the same request after it."""
     before = http.post("/v1/chat/completions", json=REFERENCE)
     assert before.status_code == 200, before.text
@@ -72,7 +72,9 @@ def reference(http: httpx.Client) -> Iterator[str]:
     after = http.post("/v1/chat/completions", json=REFERENCE)
     assert after.status_code == 200, after.text
     assert after.json()["choices"][0]["message"]["content"] == before.json()["choices"][0]["message"]["content"]
-    print(f"\n[fuzz] {sum(CASES.values())} cases: " + ", ".join(f"{k}={v}" for k, v in sorted(CASES.items())))
+    summary = f"{sum(CASES.values())} cases: " + ", ".join(f"{k}={v}" for k, v in sorted(CASES.items()))
+    print(f"\n[fuzz] {summary}")
+    (tmp_path_factory.getbasetemp() / "fuzz-cases.txt").write_text(summary + "\n")  # kept with the run's files
 
 
 def check(r: httpx.Response, kind: str, case: str = "") -> None:

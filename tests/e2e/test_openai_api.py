@@ -165,7 +165,7 @@ ERROR_CASES = [
     ("negative max_tokens", {"model": "coder", "messages": MESSAGES, "max_tokens": -1}, 400, "max_tokens",
      "invalid_value", "max_tokens"),
     ("max_tokens past context", {"model": "coder", "messages": MESSAGES, "max_tokens": 5000}, 400, "max_tokens",
-     "invalid_value", "max_tokens"),
+     "integer_above_max_value", "max_tokens"),  # the tier's cap (its context), checked by the ingress
     ("temperature wrong type", {"model": "fast", "messages": MESSAGES, "temperature": "hot"}, 400, "temperature",
      "invalid_value", "temperature"),
     ("stream wrong type", {"model": "fast", "messages": MESSAGES, "stream": "yes"}, 400, "stream",

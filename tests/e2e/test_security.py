@@ -18,6 +18,7 @@ from tests.conftest import App, auth, create_key, tierserve_cli
 from tests.e2e.test_telemetry import scrape
 
 PLAIN = "Say something about the weather today."
+PRIVATE = "Quarterly numbers for project nightingale-7731"  # must never reach a log
 
 
 def chat(client: httpx.Client, key: str | None, model: str = "fast", max_tokens: int = 2,
@@ -144,7 +145,7 @@ def test_key_lifecycle(http: httpx.Client, app: App) -> None:
     r = http.post("/admin/keys", headers=admin, json={"agent": "via-admin", "tiers": ["fast"], "rpm": 100})
     assert r.status_code == 201, r.text
     made.append(r.json()["key"])
-    assert chat(http, r.json()["key"]).status_code == 200
+    assert chat(http, r.json()["key"], content=PRIVATE).status_code == 200
     assert http.delete(f"/admin/keys/{r.json()['id']}", headers=admin).status_code == 200
     assert_error(chat(http, r.json()["key"]), 401)
     assert_error(http.delete("/admin/keys/000000000000", headers=admin), 404)
@@ -159,6 +160,7 @@ def test_key_lifecycle(http: httpx.Client, app: App) -> None:
     for path in log_files(app):
         data = path.read_bytes()
         assert not any(s in data for s in secrets_), f"{path} holds a plaintext key"
+        assert PRIVATE.encode() not in data, f"{path} holds a prompt (auth.log_prompts is off)"
 
     # The rate-limited key is served again once its window has passed.
     time.sleep(max(0.0, free_at - time.monotonic()) + 0.5)

@@ -134,6 +134,8 @@ def test_tier_scales_up_under_load_and_back_down(http: httpx.Client, app_url: st
     assert tier_state(http, "fast")["replicas"] == 1
     stop = time.monotonic() + 240
 
+    failures: list[str] = []
+
     async def load() -> tuple[int, int]:
         ok = failed = 0
         async with httpx.AsyncClient(base_url=app_url, timeout=120, headers=auth(api_key)) as client:
@@ -143,6 +145,8 @@ def test_tier_scales_up_under_load_and_back_down(http: httpx.Client, app_url: st
                     r = await client.post("/v1/completions", json={
                         "model": "fast", "prompt": "go", "max_tokens": 200, "min_tokens": 200})
                     ok, failed = (ok + 1, failed) if r.status_code == 200 else (ok, failed + 1)
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.headers.get('x-tierserve-provider')}: {r.text[:300]}")
 
             async def watch() -> None:
                 while time.monotonic() < stop and tier_state_cache["replicas"] < 2:
@@ -159,7 +163,7 @@ def test_tier_scales_up_under_load_and_back_down(http: httpx.Client, app_url: st
     print(f"\n[tierserve] fast tier reached {tier_state_cache['replicas']} replicas after "
           f"{time.monotonic() - started:.1f}s of load ({ok} requests served, {failed} failed)")
     assert tier_state_cache["replicas"] == 2
-    assert failed == 0
+    assert failed == 0, failures
     took = wait_for(lambda: tier_state(http, "fast")["replicas"] == 1, 180)
     print(f"[tierserve] fast tier back to 1 replica {took:.1f}s after the load stopped")
     assert http.post("/v1/completions", json={"model": "fast", "prompt": "hi", "max_tokens": 2}).status_code == 200
