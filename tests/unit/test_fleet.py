@@ -1,0 +1,59 @@
+"""How often the ingress asks the Serve controller for replica counts (the costliest background call)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from serving.config import build_config
+from serving.fleet import STABLE_REPLICAS_TTL_S, Fleet
+
+TINY = {"tiny_seed": 1}
+
+
+def status_with(states: dict[str, dict[str, int]]) -> Any:
+    deployments = {f"tier-{t}": SimpleNamespace(replica_states=s) for t, s in states.items()}
+    return SimpleNamespace(applications={"app": SimpleNamespace(deployments=deployments)})
+
+
+def test_replica_counts_are_read_rarely_when_settled_and_at_once_when_changing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import serve
+
+    config = build_config({"tiers": {"fast": {"served_name": "f", "model": TINY}}}, None)
+    fleet = Fleet(config, {}, "app")
+    current = {"fast": {"RUNNING": 1}}
+    calls: list[int] = []
+
+    def status() -> Any:
+        calls.append(1)
+        return status_with(current)
+
+    monkeypatch.setattr(serve, "status", status)
+    clock = {"now": 1000.0}
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(loop, "time", lambda: clock["now"])
+        await fleet.refresh_states()  # first read
+        assert fleet.replicas == {"fast": 1} and fleet.settled and len(calls) == 1
+        clock["now"] += 1
+        await fleet.refresh_states()  # settled: not asked again within the stable interval
+        assert len(calls) == 1
+        await fleet.refresh_states(replicas=True)  # a tier call failed: asked at once
+        assert len(calls) == 2
+        current["fast"] = {"RUNNING": 1, "STARTING": 1}
+        clock["now"] += STABLE_REPLICAS_TTL_S
+        await fleet.refresh_states()  # the stable interval passed: asked, and now it is changing
+        assert len(calls) == 3 and not fleet.settled
+        clock["now"] += 1
+        await fleet.refresh_states()  # changing: asked every refresh
+        assert len(calls) == 4
+        current["fast"] = {"RUNNING": 2}
+        clock["now"] += 1
+        await fleet.refresh_states()
+        assert fleet.replicas == {"fast": 2} and fleet.settled and len(calls) == 5
+
+    asyncio.run(run())
