@@ -3,7 +3,6 @@ rate limits, budgets and usage, redaction of logs. All with injected clocks; no 
 
 from __future__ import annotations
 
-import calendar
 import hashlib
 import io
 import json
@@ -36,16 +35,7 @@ from serving.budget import Budget
 from serving.cli import main
 from serving.config import AppConfig, AuthConfig, AuthSettings, ModelSource, Tier
 from serving.errors import APIError
-
-T0 = calendar.timegm((2025, 1, 31, 22, 0, 0))  # 22:00 UTC on the last day of January
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support.clock import T0, Clock
 
 
 def bearer(key: str) -> str:

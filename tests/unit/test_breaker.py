@@ -8,19 +8,12 @@ import pytest
 
 from serving.breaker import Breaker, BreakerRegistry
 from serving.config import BreakerConfig
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support.clock import Clock
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1000.0)
 
 
 def make(clock: Clock, **kw: float) -> Breaker:

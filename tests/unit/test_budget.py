@@ -10,16 +10,7 @@ import pytest
 
 from serving.budget import Budget, period_end
 from serving.config import ModelSource, Provider, Resources, Tier
-
-T0 = calendar.timegm((2025, 1, 31, 22, 0, 0))  # 22:00 UTC on the last day of January
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support.clock import Clock
 
 
 def provider(**kw: object) -> Provider:
