@@ -629,6 +629,12 @@ def install_redaction(logger: logging.Logger | None = None) -> RedactingFilter:
     return flt
 
 
+def redact_replica_logs() -> None:
+    """Redaction for a Serve replica: its root logger and Ray Serve's own logger, which does not propagate."""
+    for logger in (logging.getLogger(), logging.getLogger("ray.serve")):
+        install_redaction(logger)
+
+
 def loggable_body(body: dict[str, Any], log_prompts: bool) -> dict[str, Any]:
     """The request body as it may be logged: prompt text replaced by its size unless `log_prompts`."""
     if log_prompts:

@@ -42,17 +42,24 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fetch_models(args: argparse.Namespace) -> int:
+def fetch_models(args: argparse.Namespace) -> AppConfig | None:
+    """Load the profile and prepare every tier's weights, printing where each is; None (after printing why) when
+    the config or a download fails."""
     from serving.weights import WeightsError, prefetch
 
     try:
-        paths = prefetch(load_config(args.config, args.profile), Path(args.cache_dir))
+        config = load_config(args.config, args.profile)
+        paths = prefetch(config, Path(args.cache_dir))
     except (ConfigError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return None
     for tier, path in paths.items():
         print(f"{tier}\t{path}")
-    return 0
+    return config
+
+
+def cmd_fetch_models(args: argparse.Namespace) -> int:
+    return 0 if fetch_models(args) is not None else 1
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
@@ -180,14 +187,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Prepare the weights, then `serve run` the deployment; stop it with SIGINT, Ray's clean path."""
     from serving.auth import auth_disabled_warning
 
-    code = cmd_fetch_models(args)
-    if code:
-        return code
+    config = fetch_models(args)
+    if config is None:
+        return 1
     doc = serve_config(Path(args.deployment), args.config, args.profile, args.cache_dir, args.host, args.port)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="tierserve-", delete=False) as fh:
         yaml.safe_dump(doc, fh)
     print(f"tierserve: serving profile {args.profile} on http://{args.host}:{args.port}/v1", flush=True)
-    warning = auth_disabled_warning(load_config(args.config, args.profile), args.host)
+    warning = auth_disabled_warning(config, args.host)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     serve = Path(sys.executable).with_name("serve")

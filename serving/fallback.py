@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from serving.auth import install_redaction
+from serving.auth import redact_replica_logs
 from serving.breaker import BreakerRegistry
 from serving.budget import Budget
 from serving.config import AppConfig
@@ -35,7 +35,7 @@ class FallbackServer:
     are this process's state, persisted in SQLite)."""
 
     def __init__(self, config: AppConfig, state_dir: str) -> None:
-        install_redaction()  # provider API keys in an upstream's error text never reach the log
+        redact_replica_logs()  # provider API keys in an upstream's error text never reach the log
         self.breakers = BreakerRegistry.from_config(config.routing.breaker)
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self.budget = Budget.from_config(Path(state_dir) / "budget.sqlite", config)

@@ -26,7 +26,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.admission import Admission, KeySpec
-from serving.auth import KeyRecord, KeyStoreError, install_redaction
+from serving.auth import KeyRecord, KeyStoreError, redact_replica_logs
 from serving.config import AppConfig, AuthSettings, Settings
 from serving.errors import APIError, from_validation_errors
 from serving.fleet import Fleet, ListCollector
@@ -104,8 +104,7 @@ class Ingress:
         self.tracing = Tracing("tierserve-ingress")
         self.registry = CollectorRegistry()  # per ingress, no process-global state
         self.metrics = RequestMetrics(self.registry)
-        install_redaction()  # this replica's logs never show a key, whoever logs it
-        install_redaction(logging.getLogger("ray.serve"))
+        redact_replica_logs()  # this replica's logs never show a key, whoever logs it
         self.log_prompts = config.auth.log_prompts
         self.admission = Admission(config, Path(state_dir) if state_dir else Settings().state_dir, self.registry,
                                    auth_settings)

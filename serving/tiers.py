@@ -99,10 +99,10 @@ class TierServer:
         from vllm.renderers.online_renderer import OnlineRenderer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from serving.auth import install_redaction
+        from serving.auth import redact_replica_logs
         from serving.weights import resolve
 
-        install_redaction()  # provider or agent keys in an engine error's text never reach the log
+        redact_replica_logs()  # provider or agent keys in an engine error's text never reach the log
         self.tier_name = tier_name
         self.tier = tier
         self.tracing = Tracing(f"tierserve-tier-{tier_name}")
