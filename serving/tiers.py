@@ -144,16 +144,16 @@ class TierServer:
     async def _start(self, endpoint: str, body: dict[str, Any]) -> Any:
         try:
             return await self._submit(endpoint, body)
-        except APIError as exc:
-            if exc.code == "context_length_exceeded":
-                # vLLM says `input_tokens`; OpenAI names the field the client sent.
-                exc.param = "messages" if endpoint == "chat" else "prompt"
-            raise
         except Exception as exc:
-            # Nothing escapes a tier call as an exception: vLLM's request models raise its own
-            # VLLMValidationError (not a pydantic error) from validators, e.g. for an empty prompt; vLLM's
-            # mapping makes those 400s and the rest 5xx.
-            raise self._map_exception(exc) from exc
+            # Nothing escapes a tier call as an exception: what vLLM raises instead of returning an
+            # ErrorResponse goes through vLLM's own mapping (client errors 4xx, the rest 5xx).
+            error = exc if isinstance(exc, APIError) else self._map_exception(exc)
+            if error.code == "context_length_exceeded":
+                # vLLM says `input_tokens`; OpenAI names the field the client sent.
+                error.param = "messages" if endpoint == "chat" else "prompt"
+            if error is exc:
+                raise
+            raise error from exc
 
     async def _submit(self, endpoint: str, body: dict[str, Any]) -> Any:
         """Validate with vLLM's protocol types and hand the request to vLLM's serving code."""
@@ -173,17 +173,12 @@ class TierServer:
             raise APIError(400, f"{where}invalid value ({type(exc).__name__}: {exc})", param=param) from None
         if self.engine.errored:
             raise APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting")
-        try:
-            handler = self.serving[endpoint]
-            with self.tracing.span("tierserve.engine", model=self.tier.served_name):
-                if endpoint == "chat":
-                    result = await handler.create_chat_completion(request, None)
-                else:
-                    result = await handler.create_completion(request, None)
-        except APIError:
-            raise
-        except Exception as exc:  # vLLM raised instead of returning an ErrorResponse
-            raise self._map_exception(exc) from exc
+        handler = self.serving[endpoint]
+        with self.tracing.span("tierserve.engine", model=self.tier.served_name):
+            if endpoint == "chat":
+                result = await handler.create_chat_completion(request, None)
+            else:
+                result = await handler.create_completion(request, None)
         error = getattr(result, "error", None)
         if error is not None:
             raise from_vllm_error(error.model_dump())
