@@ -91,7 +91,6 @@ class TierServer:
 
     def __init__(self, tier_name: str, tier: Tier, cache_dir: str) -> None:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
@@ -100,6 +99,7 @@ class TierServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from serving.auth import redact_replica_logs
+        from serving.chatstream import StreamingChat
         from serving.weights import resolve
 
         redact_replica_logs()  # provider or agent keys in an engine error's text never reach the log
@@ -122,7 +122,7 @@ class TierServer:
             chat_template_content_format="auto",
         )
         self.serving = {
-            "chat": OpenAIServingChat(
+            "chat": StreamingChat(
                 self.engine,
                 models,
                 "assistant",
@@ -266,14 +266,20 @@ class TierServer:
                     held = data  # the end marker is a moment away: send [DONE] after the usage
                     continue
                 held = b""
-                if ended and usage:
-                    # Before the closing `[DONE]`: a client hangs up on [DONE], and anything still owed
-                    # after it turns a finished response into a cancelled one.
-                    yield usage[-1]
-                if data:
+                if not ended:
                     yield data
-                if ended:
-                    return
+                    continue
+                # The end: the usage goes after the data (the first item must be bytes: the ingress sends
+                # it as the response's first chunk) and before the closing `[DONE]` (a client hangs up on
+                # [DONE], and anything still owed after it turns a finished response into a cancelled one).
+                body = data[: -len(DONE)] if data.endswith(DONE) else data
+                if body:
+                    yield body
+                if usage:
+                    yield usage[-1]
+                if len(body) < len(data):
+                    yield DONE
+                return
         finally:
             # Client went away (or we finished): cancelling the generator aborts the request in vLLM.
             task.cancel()

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import ansible_lab as lab
@@ -28,6 +29,22 @@ HERE = Path(__file__).resolve().parent
 GPU_WG, AGENT_WG = "10.66.0.1", "10.66.0.11"
 PORT = 8000
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def failures(output: str) -> str:
+    """The tasks that failed (task header and its fatal/failed lines) and the recap: a CI log shows only part
+    of a long assertion message, so the cause goes first rather than the tail of the whole run."""
+    lines = output.splitlines()
+    picked: list[str] = []
+    task = ""
+    for i, line in enumerate(lines):
+        if line.startswith("TASK ["):
+            task = line
+        elif line.startswith(("fatal:", "failed:")) or "UNREACHABLE!" in line:
+            picked += [task, *lines[i : i + 25], ""]
+    recap_at = output.rfind("PLAY RECAP")
+    tail = output[recap_at:] if recap_at >= 0 else output[-3000:]
+    return "\n".join(picked)[:6000] + "\n" + tail
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:
@@ -47,6 +64,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.outputs: dict[str, str] = {}
         self.rcs: dict[str, int] = {}
+        self.earlier_failure: str | None = None  # a first lab's failure, when this is the retry
         # ssh's ControlPath must stay under the 108-byte socket path limit.
         self.cp_dir = Path(tempfile.mkdtemp(prefix="tscp-", dir="/tmp"))
 
@@ -125,9 +143,9 @@ class Run:
         self.timings["boot"] = round(time.monotonic() - start, 1)
         inventory = self.inventory()
         self.playbook("standin", HERE / "standin" / "standin.yml", inventory)
-        assert self.rcs["standin"] == 0, self.outputs["standin"][-5000:]
+        assert self.rcs["standin"] == 0, failures(self.outputs["standin"])
         self.playbook("first", ANSIBLE_DIR / "site.yml", inventory)
-        assert self.rcs["first"] == 0, self.outputs["first"][-8000:]
+        assert self.rcs["first"] == 0, failures(self.outputs["first"])
         self.playbook("second", ANSIBLE_DIR / "site.yml", inventory)
 
     def report(self) -> dict:
@@ -135,6 +153,7 @@ class Run:
             "timings_s": self.timings,
             "second_run_recap": recap(self.outputs.get("second", "")),
             "first_run_recap": recap(self.outputs.get("first", "")),
+            "earlier_failure": self.earlier_failure,
         }
 
     def teardown(self) -> None:
@@ -142,6 +161,15 @@ class Run:
             self.lab.stop(keep_logs=lab.CACHE / "last-run")
         finally:
             shutil.rmtree(self.cp_dir, ignore_errors=True)
+
+
+def finish(run: Run) -> None:
+    report = run.report()
+    print("\n[tierserve ansible real run]", json.dumps(report))
+    (lab.CACHE / "last-run.json").write_text(json.dumps(report, indent=2))
+    run.teardown()
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    assert lab.free_of_leftovers(run.lab.tag), f"namespaces or links of {run.lab.tag} left behind"
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +182,22 @@ def applied():
     workdir_root.mkdir(parents=True, exist_ok=True)
     run = Run(Path(tempfile.mkdtemp(prefix="run-", dir=workdir_root)))
     try:
-        run.setup()
+        try:
+            run.setup()
+        except AssertionError as exc:
+            # Booting two containers and a userspace WireGuard on a loaded 2-core CI machine failed once in
+            # CI and never in 5 local runs: one more try on a brand-new lab (nothing carried over), with the
+            # first failure kept in the report and raised as a warning so it stays visible. A real defect
+            # fails both.
+            earlier = str(exc)
+            warnings.warn(f"ansible real run: first lab failed, retrying on a fresh one:\n{earlier}", stacklevel=1)
+            finish(run)
+            run = Run(Path(tempfile.mkdtemp(prefix="run-", dir=workdir_root)))
+            run.earlier_failure = earlier
+            run.setup()
         yield run
     finally:
-        report = run.report()
-        print("\n[tierserve ansible real run]", json.dumps(report))
-        (lab.CACHE / "last-run.json").write_text(json.dumps(report, indent=2))
-        run.teardown()
-        shutil.rmtree(run.workdir, ignore_errors=True)
-        assert lab.free_of_leftovers(run.lab.tag), f"namespaces or links of {run.lab.tag} left behind"
+        finish(run)
 
 
 def http(run: Run, src: str, path: str, key: str | None, body: dict | None = None) -> tuple[int, dict, dict]:
@@ -191,7 +226,7 @@ def test_first_run_bootstraps_both_hosts(applied: Run) -> None:
 
 
 def test_second_run_changes_nothing(applied: Run) -> None:
-    assert applied.rcs["second"] == 0, applied.outputs["second"][-6000:]
+    assert applied.rcs["second"] == 0, failures(applied.outputs["second"])
     result = recap(applied.outputs["second"])
     assert set(result) == {"gpu", "agent"}, applied.outputs["second"][-3000:]
     changed = {host: r["changed"] for host, r in result.items()}

@@ -1,0 +1,75 @@
+"""tierserve's chat streams are bare vLLM's, chunk for chunk.
+
+The `fast` tier and the session's bare vLLM upstream serve the same tiny model (seed 3), so at temperature 0
+they generate the same tokens. tierserve writes plain streams itself (serving/chatstream.py) and leaves the
+rest to vLLM's generator; either way a client must see the same chunks, fields and key order as from vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import UPSTREAM_MODEL, auth
+
+MESSAGES = [{"role": "user", "content": "write a function that adds two numbers"}]
+BASE = {"messages": MESSAGES, "stream": True, "temperature": 0, "max_tokens": 8, "min_tokens": 8}
+# Per server, not per generation: the response id, clock, served name and build fingerprint.
+VOLATILE = ("id", "created", "model", "system_fingerprint")
+
+CASES = {
+    # Written by tierserve (the plain path).
+    "plain, usage": {"stream_options": {"include_usage": True}},
+    "plain, no usage": {},
+    "stop string": {"stop": ["lo"], "min_tokens": 0, "stream_options": {"include_usage": True}},
+    "system message": {"messages": [{"role": "system", "content": "be brief"}, *MESSAGES]},
+    # Written by vLLM's own generator.
+    "logprobs": {"logprobs": True, "top_logprobs": 2, "stream_options": {"include_usage": True}},
+    "two choices": {"n": 2, "temperature": 1, "seed": 5, "stream_options": {"include_usage": True}},
+    "continuous usage": {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+    "token ids": {"return_token_ids": True},
+}
+
+
+def chunks(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str]) -> list[Any]:
+    """Every SSE event: parsed JSON with the volatile fields dropped (key order kept), or the raw `[DONE]`."""
+    events: list[Any] = []
+    with client.stream("POST", url, json=body, headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: "), line
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                events.append(data)
+                continue
+            chunk = json.loads(data)
+            events.append({k: v for k, v in chunk.items() if k not in VOLATILE})
+    return events
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chat_stream_matches_bare_vllm(app_url: str, api_key: str, upstream, case: str) -> None:
+    upstream.wait(420)
+    body = {**BASE, **CASES[case]}
+    with httpx.Client(timeout=120) as client:
+        ours = chunks(client, f"{app_url}/v1/chat/completions", {**body, "model": "fast"}, auth(api_key))
+        bare = chunks(client, f"{upstream.url}/v1/chat/completions", {**body, "model": UPSTREAM_MODEL}, {})
+    assert ours[-1] == "[DONE]" and len(ours) > 3
+    # Choices of one response interleave as the engine happens to emit them; each choice's own chunks don't.
+    assert by_choice(ours) == by_choice(bare)
+    assert [list(c) for c in ours if isinstance(c, dict)] == [list(c) for c in bare if isinstance(c, dict)]
+
+
+def by_choice(events: list[Any]) -> dict[Any, list[Any]]:
+    """Chunks grouped by their choice's index (None: no choice, e.g. usage), in order within each group."""
+    groups: dict[Any, list[Any]] = {}
+    for event in events:
+        choices = event.get("choices") if isinstance(event, dict) else None
+        index = choices[0]["index"] if choices else None
+        groups.setdefault(index, []).append(event)
+    return groups
