@@ -91,6 +91,7 @@ class TierServer:
 
     def __init__(self, tier_name: str, tier: Tier, cache_dir: str) -> None:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
@@ -99,7 +100,6 @@ class TierServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from serving.auth import redact_replica_logs
-        from serving.chatstream import StreamingChat
         from serving.weights import resolve
 
         redact_replica_logs()  # provider or agent keys in an engine error's text never reach the log
@@ -122,7 +122,7 @@ class TierServer:
             chat_template_content_format="auto",
         )
         self.serving = {
-            "chat": StreamingChat(
+            "chat": OpenAIServingChat(
                 self.engine,
                 models,
                 "assistant",

@@ -1,8 +1,9 @@
 """tierserve's chat streams are bare vLLM's, chunk for chunk.
 
 The `fast` tier and the session's bare vLLM upstream serve the same tiny model (seed 3), so at temperature 0
-they generate the same tokens. tierserve writes plain streams itself (serving/chatstream.py) and leaves the
-rest to vLLM's generator; either way a client must see the same chunks, fields and key order as from vLLM.
+they generate the same tokens. Whatever path a stream takes through tierserve (tier replica, coalescing,
+usage capture, ingress relay), a client must see the same chunks, fields and key order as from vLLM; short
+streams included (one that ended in its first batch used to break the ingress).
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ BASE = {"messages": MESSAGES, "stream": True, "temperature": 0, "max_tokens": 8,
 VOLATILE = ("id", "created", "model", "system_fingerprint")
 
 CASES = {
-    # Written by tierserve (the plain path).
     "plain, usage": {"stream_options": {"include_usage": True}},
     "plain, no usage": {},
     "stop string": {"stop": ["lo"], "min_tokens": 0, "stream_options": {"include_usage": True}},
     "system message": {"messages": [{"role": "system", "content": "be brief"}, *MESSAGES]},
-    # Written by vLLM's own generator.
     "logprobs": {"logprobs": True, "top_logprobs": 2, "stream_options": {"include_usage": True}},
     "two choices": {"n": 2, "temperature": 1, "seed": 5, "stream_options": {"include_usage": True}},
     "continuous usage": {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
