@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -183,6 +184,24 @@ def serve_config(deployment: Path, config: str, profile: str, cache_dir: str, ho
     return doc
 
 
+def direct_ingress(config: AppConfig, env: dict[str, str], host: str, port: int) -> int:
+    """The port Serve's HTTP proxy gets. One node and one ingress replica: the replica's own HTTP server takes
+    the public port and the proxy an internal one, so a streamed chunk skips the proxy's Ray hop (measured:
+    the gateway's CPU per streamed token halves, benchmarks/results/2026-11-23-vm-2cpu-gateway.md). Otherwise
+    the proxy keeps the public port in front of every ingress replica."""
+    if env.get("RAY_ADDRESS") or config.ingress.replicas != 1 or env.get("TIERSERVE_DIRECT_INGRESS") == "0":
+        return port
+    env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    # Serve allocates direct-ingress ports from [min, max): exactly the public port. No quarantine: that guards
+    # HAProxy setups (not ours), and would keep a restarted ingress replica off its port for minutes.
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+    env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)
+    env["RAY_SERVE_PORT_QUARANTINE_S"] = "0"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Prepare the weights, then `serve run` the deployment; stop it with SIGINT, Ray's clean path."""
     from serving.auth import auth_disabled_warning
@@ -190,7 +209,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = fetch_models(args)
     if config is None:
         return 1
-    doc = serve_config(Path(args.deployment), args.config, args.profile, args.cache_dir, args.host, args.port)
+    env = dict(os.environ)
+    proxy_port = direct_ingress(config, env, args.host, args.port)
+    doc = serve_config(Path(args.deployment), args.config, args.profile, args.cache_dir, args.host, proxy_port)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="tierserve-", delete=False) as fh:
         yaml.safe_dump(doc, fh)
     print(f"tierserve: serving profile {args.profile} on http://{args.host}:{args.port}/v1", flush=True)
@@ -198,9 +219,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     serve = Path(sys.executable).with_name("serve")
-    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: give the child
-    # the default back, or the SIGINT we forward to stop it cleanly would be lost.
-    env = dict(os.environ)
     if not env.get("RAY_ADDRESS"):
         # `serve run` starts a one-node Ray here: with Ray's "no cluster" mode its node address is loopback, so
         # GCS, raylet, object manager, dashboard and metrics agent listen on 127.0.0.1 only. (A cluster's nodes
@@ -211,6 +229,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Measured (benchmarks/results/2026-11-23-vm-2cpu-gateway.md): tierserve/bare streaming 0.55 -> 0.67 at
     # 1 stream, 0.34 -> 0.40 at 64, unchanged at 16 (means of two runs each).
     env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: give the child
+    # the default back, or the SIGINT we forward to stop it cleanly would be lost.
     proc = subprocess.Popen(
         [str(serve), "run", fh.name],
         env=env,

@@ -208,6 +208,17 @@ def test_ingress_is_reachable_only_on_its_bind_address(app_url: str, api_key: st
     assert len(tried) >= 2
 
 
+def test_public_port_is_served_by_the_ingress_replica(app_url: str) -> None:
+    """Direct ingress (issue 9): the ingress replica's own HTTP server owns the public port, so a streamed
+    chunk skips the Serve proxy; the proxy sits on another loopback port."""
+    port = urlparse(app_url).port
+    owners = {conn.pid for conn in psutil.net_connections("inet")
+              if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port}
+    assert len(owners) == 1, owners
+    cmdline = " ".join(psutil.Process(owners.pop()).cmdline())
+    assert "ServeReplica:tierserve:ingress" in cmdline, cmdline
+
+
 def test_ray_listens_on_loopback_only(app_url: str) -> None:
     """GCS, raylet, object manager, dashboard, agents, Serve controller and proxy: 127.0.0.1 only. The one
     exception is Ray Serve's inter-deployment gRPC server, which every replica binds to `[::]:0` (hard-coded in

@@ -1,0 +1,43 @@
+"""`tierserve up`'s choice of who owns the public port (Ray Serve direct ingress, issue 9)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from serving.cli import direct_ingress
+from serving.config import load_config
+
+LOCAL = load_config(Path(__file__).resolve().parents[2] / "models.yaml", "local")
+
+
+def test_one_node_one_ingress_replica_gets_the_public_port() -> None:
+    env: dict[str, str] = {}
+    proxy = direct_ingress(LOCAL, env, "127.0.0.1", 8123)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # The allocation range is exactly the public port; released ports come back at once.
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "8123",
+        "8124",
+    )
+    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
+    assert proxy != 8123
+    with socket.socket() as s:  # the proxy's port was free on the bind address
+        s.bind(("127.0.0.1", proxy))
+
+
+@pytest.mark.parametrize(
+    ("config", "env"),
+    [
+        (LOCAL.model_copy(update={"ingress": LOCAL.ingress.model_copy(update={"replicas": 2})}), {}),
+        (LOCAL, {"RAY_ADDRESS": "10.0.0.1:6379"}),  # a cluster: the ingress may land on any node
+        (LOCAL, {"TIERSERVE_DIRECT_INGRESS": "0"}),  # the operator's opt-out
+    ],
+    ids=["two ingress replicas", "cluster", "opted out"],
+)
+def test_otherwise_the_proxy_keeps_the_public_port(config, env: dict[str, str]) -> None:
+    before = dict(env)
+    assert direct_ingress(config, env, "127.0.0.1", 8123) == 8123
+    assert env == before
