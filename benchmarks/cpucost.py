@@ -4,7 +4,7 @@ On a 2-core box every cycle the gateway spends is taken from the engine, so this
 its own unit, and far steadier between runs than a throughput ratio. Usage, against a running tierserve
 (or any OpenAI-compatible server on this machine):
 
-    python -m benchmarks.cpucost http://127.0.0.1:8000/v1/chat/completions fast LABEL [API_KEY]
+    python -m benchmarks.cpucost http://127.0.0.1:8000/v1 fast LABEL [API_KEY]
 
 Prints one JSON line: tokens, wall time, tok/s and CPU ms per token for the tier replica, ingress replica,
 Serve proxy, engine core, vLLM API server, Ray's own processes.
@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 
-import httpx
 import psutil
+
+from benchmarks.loadgen import PromptMaker, Workload, run_level
 
 GROUPS = [
     ("ServeReplica:tierserve:tier-", "tier replica"),
@@ -49,41 +49,22 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
     return out
 
 
-async def measure(url: str, model: str, key: str | None, requests: int = 96, concurrency: int = 16) -> dict:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "write a function that adds two numbers " * 12}],
-        "max_tokens": 64,
-        "min_tokens": 64,
-        "temperature": 0,
-        "stream": True,
-    }
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with httpx.AsyncClient(timeout=120, headers=headers) as client:
-
-        async def one() -> int:
-            tokens = 0
-            async with client.stream("POST", url, json=body) as r:
-                async for line in r.aiter_lines():
-                    tokens += line.startswith("data: {") and '"content"' in line
-            return tokens
-
-        await asyncio.gather(*[one() for _ in range(8)])  # warm-up, not counted
-        gate = asyncio.Semaphore(concurrency)
-
-        async def gated() -> int:
-            async with gate:
-                return await one()
-
-        before, start = cpu_by_process(), time.perf_counter()
-        counts = await asyncio.gather(*[gated() for _ in range(requests)])
-        wall, after = time.perf_counter() - start, cpu_by_process()
-    tokens = sum(counts)
+async def measure(base_url: str, model: str, key: str | None, requests: int = 96, concurrency: int = 16) -> dict:
+    """The benchmark's own closed-loop load (`loadgen.run_level`: 64 forced output tokens, temperature 0);
+    tokens are the servers' usage counts, so chunks that carry two tokens count both."""
+    work = Workload(prompt_tokens=96, output_tokens=64)
+    prompts = PromptMaker(None).make(work.prompt_tokens, requests + 8, seed=1)
+    await run_level(base_url, model, prompts[:8], work, True, 8, key or "")  # warm-up, not counted
+    before = cpu_by_process()
+    samples, wall = await run_level(base_url, model, prompts[8:], work, True, concurrency, key or "")
+    after = cpu_by_process()
+    tokens = sum(s.output_tokens for s in samples if s.error is None)
     spent: dict[str, float] = {}
     for pid, (group, cpu) in after.items():
         spent[group] = spent.get(group, 0.0) + cpu - before.get(pid, (group, 0.0))[1]
     return {
         "tokens": tokens,
+        "errors": sum(s.error is not None for s in samples),
         "wall_s": round(wall, 1),
         "tok_per_s": round(tokens / wall, 1),
         "cpu_ms_per_token": {group: round(s * 1000 / tokens, 3) for group, s in sorted(spent.items())},
@@ -91,9 +72,9 @@ async def measure(url: str, model: str, key: str | None, requests: int = 96, con
 
 
 def main() -> None:
-    url, model, label = sys.argv[1:4]
+    base_url, model, label = sys.argv[1:4]
     key = sys.argv[4] if len(sys.argv) > 4 else None
-    print(json.dumps({"label": label, **asyncio.run(measure(url, model, key))}))
+    print(json.dumps({"label": label, **asyncio.run(measure(base_url, model, key))}))
 
 
 if __name__ == "__main__":
