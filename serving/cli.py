@@ -202,6 +202,36 @@ def direct_ingress(config: AppConfig, env: dict[str, str], host: str, port: int)
         return s.getsockname()[1]
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether a plain bind (no SO_REUSEADDR) of host:port succeeds now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_port_free(host: str, port: int, timeout_s: float = 120.0, poll_s: float = 1.0,
+                   sleep=time.sleep, clock=time.monotonic) -> bool:
+    """Wait until the public port can be bound the way the direct-ingress replica binds it. Ray Serve 2.60
+    binds it without SO_REUSEADDR, so the previous run's closing connections (FIN_WAIT/TIME_WAIT, up to
+    60 s after a crash or restart) make that bind fail, and Ray then blocks the port for the rest of its
+    life: with the range pinned to this one port the app would never get an ingress. Found by the Ansible
+    run's kill-and-restart test."""
+    deadline = clock() + timeout_s
+    told = False
+    while not port_free(host, port):
+        if clock() >= deadline:
+            return False
+        if not told:
+            print(f"tierserve: waiting for {host}:{port} to be free (the last run's connections are closing)",
+                  file=sys.stderr, flush=True)
+            told = True
+        sleep(poll_s)
+    return True
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Prepare the weights, then `serve run` the deployment; stop it with SIGINT, Ray's clean path."""
     from serving.auth import auth_disabled_warning
@@ -211,6 +241,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     env = dict(os.environ)
     proxy_port = direct_ingress(config, env, args.host, args.port)
+    if proxy_port != args.port and not wait_port_free(args.host, args.port):
+        print(f"error: {args.host}:{args.port} is still in use after 120 s (another process listens there?)",
+              file=sys.stderr)
+        return 1
     doc = serve_config(Path(args.deployment), args.config, args.profile, args.cache_dir, args.host, proxy_port)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="tierserve-", delete=False) as fh:
         yaml.safe_dump(doc, fh)

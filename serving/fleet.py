@@ -104,7 +104,8 @@ class Fleet:
         from ray import serve
 
         try:
-            status = await asyncio.to_thread(serve.status)
+            # Bounded: a controller that never answers must not stop the refresher (the thread is left behind).
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), FANOUT_TIMEOUT_S)
             deployments = status.applications[self.app_name].deployments
             states = {name: deployments[f"tier-{name}"].replica_states for name in self.config.tiers}
         except Exception as exc:  # the controller is busy or restarting: keep the last known counts
@@ -114,6 +115,11 @@ class Fleet:
         self.replicas = {name: int(s.get("RUNNING", 0)) for name, s in states.items()}
         self.settled = all(state == "RUNNING" or not n for s in states.values() for state, n in s.items())
         self.replicas_read_at = asyncio.get_running_loop().time()
+
+    async def recount(self, tier: str) -> int | None:
+        """Replica counts read from the controller now (the router's view included)."""
+        await self.refresh_replicas()
+        return self.replicas.get(tier)
 
     def scales_to_zero(self, tier: str) -> bool:
         return self.config.tiers[tier].replicas.min == 0
@@ -126,7 +132,7 @@ class Fleet:
         from ray import serve
 
         try:
-            status = await asyncio.to_thread(serve.status)
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), FANOUT_TIMEOUT_S)
             states = status.applications[self.app_name].deployments[f"tier-{tier}"].replica_states
         except Exception:
             return None

@@ -40,12 +40,16 @@ class ReadinessProber:
         running_replicas: Callable[[str], Awaitable[int | None]],
         scale_to_zero: dict[str, bool],
         *,
+        recount: Callable[[str], Awaitable[int | None]] | None = None,
         cache_s: float = 5.0,
         timeout_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.probe = probe
         self.running_replicas = running_replicas
+        # Reads the controller now and updates the router's view (the count above is the router's, up to a
+        # refresh interval old).
+        self.recount = recount
         self.scale_to_zero = scale_to_zero
         self.cache_s = cache_s
         self.timeout_s = timeout_s
@@ -77,7 +81,16 @@ class ReadinessProber:
             return TierHealth("failing", self.clock(), error=error, replicas=running)
         except Exception as exc:
             return TierHealth("failing", self.clock(), error=f"{type(exc).__name__}: {exc}"[:300], replicas=running)
-        return TierHealth("ready", self.clock(), latency_s=self.clock() - start, replicas=running)
+        latency = self.clock() - start
+        if running == 0 and self.recount is not None:
+            # It generated, yet the router's view (refreshed every second while replicas change) has no running
+            # replica: a replica that came up since. Ready must mean the router sends requests there too, or a
+            # client that waited for ready gets 503 "no healthy replica" (seen after a restart).
+            running = await self.recount(tier)
+            if running == 0:
+                error = "generated, but the Serve controller reports no RUNNING replica yet"
+                return TierHealth("failing", self.clock(), error=error, replicas=0)
+        return TierHealth("ready", self.clock(), latency_s=latency, replicas=running)
 
     async def report(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body): 503 when any tier is failing, so a load balancer takes the node out."""

@@ -118,6 +118,7 @@ class Ingress:
             probe=lambda tier: self.tiers[tier].probe.remote(),
             running_replicas=self.fleet.running_replicas,
             scale_to_zero={name: self.fleet.scales_to_zero(name) for name in config.tiers},
+            recount=self.fleet.recount,
             cache_s=config.ingress.ready_cache_s,
             timeout_s=config.ingress.ready_timeout_s,
         )

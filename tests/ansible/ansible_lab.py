@@ -12,6 +12,9 @@ The containers boot systemd (PID 1 of this machine is not systemd, a booted cont
 sshd, so Ansible reaches them exactly as it reaches a VM. The kernel has no WireGuard module; the
 containers get /dev/net/tun and wg-quick falls back to wireguard-go.
 
+A container can see host directories read-only at the same path (`Lab.binds`): the GPU node gets the
+Python that runs the tests, since the containers have no PyPI to install vLLM from.
+
 The Debian root filesystem is built once with debootstrap and cached (TIERSERVE_TEST_CACHE, default
 /var/cache/tierserve-test); each run boots copies of it and deletes them afterwards.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -36,7 +40,7 @@ SUITE = "bookworm"
 # Everything the roles install must already be in the image: the containers have no route to a mirror.
 PACKAGES = (
     "systemd,systemd-sysv,dbus,python3,python3-apt,openssh-server,iproute2,procps,ca-certificates,curl,"
-    "python3-venv,acl,wireguard-tools,wireguard-go,nftables"
+    "python3-venv,python3-packaging,libnuma1,sudo,acl,wireguard-tools,wireguard-go,nftables"
 )
 CACHE = Path(os.environ.get("TIERSERVE_TEST_CACHE", "/var/cache/tierserve-test"))
 UNDERLAY = "10.77.0"
@@ -104,6 +108,9 @@ def rootfs() -> Path:
 class Lab:
     workdir: Path
     tag: str = field(default_factory=lambda: "ts" + secrets.token_hex(2))
+    # Host directories each container sees read-only at the same path (the GPU node gets the Python that runs
+    # the tests: its interpreter, the project's venv and the editable source).
+    binds: dict[str, list[Path]] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
 
@@ -140,12 +147,18 @@ class Lab:
     def prepare_container(self, name: str, image: Path) -> Path:
         root = self.workdir / name
         run("cp", "-a", "--reflink=auto", str(image), str(root), timeout=300)
+        # The image was staged in a mkdtemp (0700): as the container's / that would lock out every non-root
+        # user (the service user could not even reach its home or the journal's socket).
+        root.chmod(0o755)
         (root / "etc/hostname").write_text(f"{name}\n")
         (root / "etc/machine-id").write_text(secrets.token_hex(16) + "\n")
         ssh = root / "root/.ssh"
         ssh.mkdir(mode=0o700, exist_ok=True)
         (ssh / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
         (ssh / "authorized_keys").chmod(0o600)
+        if any(Path("/root") in p.parents for p in self.binds.get(name, [])):
+            # A bound interpreter under /root (pyenv) must be reachable by the service user.
+            (root / "root").chmod(0o711)
         return root
 
     def boot(self, name: str, root: Path) -> None:
@@ -167,6 +180,7 @@ class Lab:
                 name,
                 "--bind=/dev/net/tun",
                 "--capability=CAP_NET_ADMIN",
+                *(f"--bind-ro={path}" for path in self.binds.get(name, [])),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -235,6 +249,24 @@ class Lab:
         )
         return self.nsexec(src, sys.executable, "-c", probe, check=False, timeout=timeout + 10).returncode == 0
 
+    def open_ports(self, src: str, host: str, ports: list[int], timeout: float = 3.0) -> set[int]:
+        """Which of `ports` on host accept a TCP connection from namespace `src` (tried all at once)."""
+        probe = (
+            "import json, socket, sys\n"
+            "from concurrent.futures import ThreadPoolExecutor\n"
+            "def ok(port):\n"
+            "    try:\n"
+            f"        socket.create_connection(({host!r}, port), timeout={timeout}).close()\n"
+            "        return port\n"
+            "    except OSError:\n"
+            "        return None\n"
+            "ports = json.loads(sys.argv[1])\n"
+            "with ThreadPoolExecutor(64) as pool:\n"
+            "    print(json.dumps([p for p in pool.map(ok, ports) if p]))\n"
+        )
+        out = self.nsexec(src, sys.executable, "-c", probe, json.dumps(ports), timeout=timeout * 4 + 30)
+        return set(json.loads(out.stdout))
+
     # ---- teardown ----------------------------------------------------------------------------
     def stop(self, keep_logs: Path | None = None) -> None:
         for proc in self.procs.values():
@@ -249,6 +281,8 @@ class Lab:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+        for name in CONTAINERS:
+            kill_rooted_in(self.workdir / name)
         if keep_logs is not None:
             keep_logs.mkdir(parents=True, exist_ok=True)
             for name in CONTAINERS:
@@ -258,6 +292,30 @@ class Lab:
             run("ip", "netns", "del", name, check=False)
         for name in CONTAINERS:
             shutil.rmtree(self.workdir / name, ignore_errors=True)
+
+
+def rooted_in(root: Path) -> list[int]:
+    """PIDs of processes whose root directory is `root` (a container's, seen from the host)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(proc / "root") == str(root):
+                    found.append(int(proc.name))
+    return found
+
+
+def kill_rooted_in(root: Path, timeout: float = 15) -> None:
+    """A container's processes that outlived its nspawn (an engine that ignored the poweroff): SIGKILL, and
+    wait until they are gone, so the next tests start on an empty machine."""
+    deadline = time.monotonic() + timeout
+    while (pids := rooted_in(root)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    if pids:
+        raise RuntimeError(f"processes of {root} survive SIGKILL: {pids}")
 
 
 def free_of_leftovers(tag: str) -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.cli import direct_ingress
+from serving.cli import direct_ingress, port_free, wait_port_free
 from serving.config import load_config
 
 LOCAL = load_config(Path(__file__).resolve().parents[2] / "models.yaml", "local")
@@ -41,3 +41,40 @@ def test_otherwise_the_proxy_keeps_the_public_port(config, env: dict[str, str]) 
     before = dict(env)
     assert direct_ingress(config, env, "127.0.0.1", 8123) == 8123
     assert env == before
+
+
+def lingering_port() -> tuple[int, list[socket.socket]]:
+    """A port whose server side was closed with a client still connected (FIN_WAIT2, as after a crash):
+    a plain bind fails, a bind with SO_REUSEADDR would not."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()
+    server.close()
+    return port, [client]
+
+
+def test_port_closed_with_open_connections_is_not_free_and_is_waited_for() -> None:
+    port, keep = lingering_port()
+    try:
+        assert not port_free("127.0.0.1", port)
+        now = [0.0]
+        slept: list[float] = []
+
+        def sleep(s: float) -> None:
+            slept.append(s)
+            now[0] += s
+
+        assert not wait_port_free("127.0.0.1", port, timeout_s=5, poll_s=1, sleep=sleep, clock=lambda: now[0])
+        assert slept == [1, 1, 1, 1, 1]
+    finally:
+        for s in keep:
+            s.close()
+
+
+def test_free_port_is_not_waited_for() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert wait_port_free("127.0.0.1", port, sleep=lambda _s: pytest.fail("waited for a free port"))
