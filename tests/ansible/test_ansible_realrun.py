@@ -40,6 +40,9 @@ SOURCE = Path(serving.__file__).resolve().parents[1]
 BASE = Path(sys.base_prefix)
 GPU_WG, AGENT_WG = "10.66.0.1", "10.66.0.11"
 PORT = 8000
+# The module fixture's setup (debootstrap on a cold cache, two labs when the first fails, three engines starting
+# in each) counts against the first test's time limit: well past the suite's 900 s in the worst case.
+pytestmark = pytest.mark.timeout(3600)
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
