@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -213,7 +214,8 @@ def port_free(host: str, port: int) -> bool:
 
 
 def wait_port_free(host: str, port: int, timeout_s: float = 120.0, poll_s: float = 1.0,
-                   sleep=time.sleep, clock=time.monotonic) -> bool:
+                   sleep: Callable[[float], object] = time.sleep,
+                   clock: Callable[[], float] = time.monotonic) -> bool:
     """Wait until the public port can be bound the way the direct-ingress replica binds it. Ray Serve 2.60
     binds it without SO_REUSEADDR, so the previous run's closing connections (FIN_WAIT/TIME_WAIT, up to
     60 s after a crash or restart) make that bind fail, and Ray then blocks the port for the rest of its
