@@ -198,14 +198,18 @@ def direct_ingress(config: AppConfig, env: dict[str, str], host: str, port: int)
     env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
     env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)
     env["RAY_SERVE_PORT_QUARANTINE_S"] = "0"
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with _tcp_socket(host) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
+def _tcp_socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
 def port_free(host: str, port: int) -> bool:
     """Whether a plain bind (no SO_REUSEADDR) of host:port succeeds now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with _tcp_socket(host) as s:
         try:
             s.bind((host, port))
         except OSError:
@@ -213,7 +217,10 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def wait_port_free(host: str, port: int, timeout_s: float = 120.0, poll_s: float = 1.0,
+PORT_WAIT_S = 120.0  # past Linux's 60 s TIME_WAIT and FIN_WAIT2 limits
+
+
+def wait_port_free(host: str, port: int, timeout_s: float = PORT_WAIT_S, poll_s: float = 1.0,
                    sleep: Callable[[float], object] = time.sleep,
                    clock: Callable[[], float] = time.monotonic) -> bool:
     """Wait until the public port can be bound the way the direct-ingress replica binds it. Ray Serve 2.60
@@ -244,7 +251,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     proxy_port = direct_ingress(config, env, args.host, args.port)
     if proxy_port != args.port and not wait_port_free(args.host, args.port):
-        print(f"error: {args.host}:{args.port} is still in use after 120 s (another process listens there?)",
+        print(f"error: {args.host}:{args.port} is still in use after {PORT_WAIT_S:g} s (another process listens "
+              "there?)",
               file=sys.stderr)
         return 1
     doc = serve_config(Path(args.deployment), args.config, args.profile, args.cache_dir, args.host, proxy_port)

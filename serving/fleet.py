@@ -101,12 +101,8 @@ class Fleet:
                 log.warning("provider states unavailable: %s", exc)
 
     async def refresh_replicas(self) -> None:
-        from ray import serve
-
         try:
-            # Bounded: a controller that never answers must not stop the refresher (the thread is left behind).
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), FANOUT_TIMEOUT_S)
-            deployments = status.applications[self.app_name].deployments
+            deployments = (await self._serve_status()).applications[self.app_name].deployments
             states = {name: deployments[f"tier-{name}"].replica_states for name in self.config.tiers}
         except Exception as exc:  # the controller is busy or restarting: keep the last known counts
             log.debug("replica counts unavailable: %s", exc)
@@ -115,6 +111,14 @@ class Fleet:
         self.replicas = {name: int(s.get("RUNNING", 0)) for name, s in states.items()}
         self.settled = all(state == "RUNNING" or not n for s in states.values() for state, n in s.items())
         self.replicas_read_at = asyncio.get_running_loop().time()
+
+    @staticmethod
+    async def _serve_status() -> Any:
+        """The Serve controller's status, bounded: a controller that never answers must not stall the
+        refresher or a health check (the thread is left behind)."""
+        from ray import serve
+
+        return await asyncio.wait_for(asyncio.to_thread(serve.status), FANOUT_TIMEOUT_S)
 
     async def recount(self, tier: str) -> int | None:
         """Replica counts read from the controller now (the router's view included)."""
@@ -129,10 +133,8 @@ class Fleet:
         refresher's count when it runs, so health checks and fan-outs add no controller calls."""
         if tier in self.replicas:
             return self.replicas[tier]
-        from ray import serve
-
         try:
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), FANOUT_TIMEOUT_S)
+            status = await self._serve_status()
             states = status.applications[self.app_name].deployments[f"tier-{tier}"].replica_states
         except Exception:
             return None

@@ -238,17 +238,6 @@ class Lab:
             timeout=timeout,
         )
 
-    def tcp_open(self, src: str, host: str, port: int, timeout: float = 3.0) -> bool:
-        """Whether a TCP connection from namespace `src` to host:port completes."""
-        probe = (
-            "import socket,sys\n"
-            "try:\n"
-            f"    socket.create_connection(({host!r}, {port}), timeout={timeout}).close()\n"
-            "except OSError:\n"
-            "    sys.exit(1)\n"
-        )
-        return self.nsexec(src, sys.executable, "-c", probe, check=False, timeout=timeout + 10).returncode == 0
-
     def open_ports(self, src: str, host: str, ports: list[int], timeout: float = 3.0) -> set[int]:
         """Which of `ports` on host accept a TCP connection from namespace `src` (tried all at once)."""
         probe = (
@@ -266,6 +255,10 @@ class Lab:
         )
         out = self.nsexec(src, sys.executable, "-c", probe, json.dumps(ports), timeout=timeout * 4 + 30)
         return set(json.loads(out.stdout))
+
+    def tcp_open(self, src: str, host: str, port: int, timeout: float = 3.0) -> bool:
+        """Whether a TCP connection from namespace `src` to host:port completes."""
+        return port in self.open_ports(src, host, [port], timeout)
 
     # ---- teardown ----------------------------------------------------------------------------
     def stop(self, keep_logs: Path | None = None) -> None:

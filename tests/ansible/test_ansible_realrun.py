@@ -299,11 +299,15 @@ def test_ingress_checks_the_key(applied: Run) -> None:
     assert status == 401 and payload["error"]["code"] == "invalid_api_key"
 
 
+def route_outsider_to_wireguard(applied: Run) -> None:
+    """The outsider routes the WireGuard subnet through the GPU node's underlay address: Linux accepts a packet
+    for any of its addresses on any interface, so only the firewall keeps its listeners from the outsider."""
+    applied.lab.nsexec("out", "ip", "route", "replace", "10.66.0.0/24", "via", lab.HOSTS["gpu"])
+
+
 def test_ingress_unreachable_from_non_peer(applied: Run) -> None:
     gpu = lab.HOSTS["gpu"]
-    # The outsider routes the WireGuard subnet through the GPU node's underlay address: Linux accepts a packet
-    # for any of its addresses on any interface, so only the firewall keeps the ingress from it.
-    applied.lab.nsexec("out", "ip", "route", "replace", "10.66.0.0/24", "via", gpu)
+    route_outsider_to_wireguard(applied)
     # Control: that route works (SSH on the WireGuard address answers the outsider) ...
     assert applied.lab.tcp_open("out", GPU_WG, 22)
     # ... but the ingress does not.
@@ -320,7 +324,7 @@ def test_non_peer_reaches_nothing_but_ssh(applied: Run) -> None:
     listening = applied.lab.ssh("gpu", "ss -Hltn").stdout.split("\n")
     ports = sorted({int(line.split()[3].rsplit(":", 1)[1]) for line in listening if line.strip()})
     assert PORT in ports and len(ports) > 5, listening  # the appliance is up: Ray has many listeners
-    applied.lab.nsexec("out", "ip", "route", "replace", "10.66.0.0/24", "via", lab.HOSTS["gpu"])
+    route_outsider_to_wireguard(applied)
     for address in (lab.HOSTS["gpu"], GPU_WG):
         assert applied.lab.open_ports("out", address, ports) == {22}, (address, ports)
 
