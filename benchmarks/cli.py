@@ -29,8 +29,9 @@ SWEEPS = {"full": [1, 8, 16, 32, 64, 128], "smoke": [1, 4]}
 DEFAULT_SERVED = "tiny-bench"
 SYSTEM_TEXT = {
     "bare": "vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`)",
-    "tierserve": "`tierserve up` serving the same model directory as tier `bench` "
-    "(Ray Serve proxy → ingress replica → tier replica → AsyncLLM)",
+    "tierserve": "`tierserve up` serving the same model directory as tier `bench`, embedded in the ingress "
+    "replica (HTTP → ingress replica: auth, routing, metrics, vLLM's serving code → engine core); "
+    "with --no-embed: HTTP → ingress replica → tier replica → engine core",
     "litellm": "LiteLLM proxy (`litellm --config`, 1 worker) in front of the same bare vLLM",
 }
 
@@ -61,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-features",
         action="store_true",
         help="tierserve without routing/fallback configured (default: configured when supported)",
+    )
+    p.add_argument(
+        "--no-embed",
+        action="store_true",
+        help="tierserve's tier in its own deployment (default: ingress.embed_tier, in the ingress replica)",
     )
     p.add_argument(
         "--target",
@@ -317,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
                     args.max_num_seqs,
                     bare.base_url if bare else None,
                     features=not args.no_features,
+                    embed=not args.no_embed,
                 )
             print(f"workdir {workdir} (logs, generated configs)", flush=True)
             first = [s for s in (bare, tier) if s]

@@ -210,13 +210,15 @@ PROVIDER = "bare-vllm"
 
 
 def tierserve_config(
-    model_dir: Path, served: str, max_model_len: int, max_num_seqs: int, bare_url: str | None, features: bool
+    model_dir: Path, served: str, max_model_len: int, max_num_seqs: int, bare_url: str | None, features: bool,
+    embed: bool = True,
 ) -> dict:
     """A models.yaml serving `model_dir` as tier `bench` (profile `bench`).
 
     With `features`, it also turns on what a real deployment has on: `auto` routing (default tier `bench`),
     the bare vLLM as an OpenAI-compatible fallback provider, and a tier `bench-fallback` that is scaled to
     zero and can never schedule, whose cold start falls back to that provider (the fallback-hop probe).
+    With `embed`, tier `bench` runs in the ingress replica (`ingress.embed_tier`), as a one-model VM would.
     """
     engine = {"max_model_len": max_model_len, "dtype": "float32", "enforce_eager": True,
               "max_num_seqs": max_num_seqs, "seed": 0, "quantization": None}  # fmt: skip
@@ -226,6 +228,8 @@ def tierserve_config(
                      "engine": engine, "resources": resources, "replicas": {"min": 1, "max": 1}},
     }  # fmt: skip
     doc: dict = {"version": 1, "ingress": {"cpus": 0.25, "max_ongoing_requests": 2048}, "tiers": tiers}
+    if embed:
+        doc["ingress"]["embed_tier"] = BENCH_TIER
     if features and bare_url:
         tiers[FALLBACK_TIER] = {
             "served_name": f"{served}-fallback", "model": {"path": str(model_dir)},
@@ -266,15 +270,16 @@ def tierserve(
     max_num_seqs: int,
     bare_url: str | None,
     features: bool = True,
+    embed: bool = True,
 ) -> tuple[Server, dict]:
     """`tierserve up` on a generated config; returns the server and a note on which features are configured."""
     note: dict = {"features_configured": False, "features_rejected": []}
-    doc = tierserve_config(model_dir, served, max_model_len, max_num_seqs, bare_url, features)
+    doc = tierserve_config(model_dir, served, max_model_len, max_num_seqs, bare_url, features, embed)
     if features:
         problems = validate_config(doc)
         if problems:  # this checkout's schema has no routing/fallback yet: measure the plain tier
             note["features_rejected"] = problems
-            doc = tierserve_config(model_dir, served, max_model_len, max_num_seqs, bare_url, False)
+            doc = tierserve_config(model_dir, served, max_model_len, max_num_seqs, bare_url, False, embed)
         else:
             note["features_configured"] = True
     problems = validate_config(doc)

@@ -40,6 +40,12 @@ def find_config(path: str) -> Path:
     return REPO_ROOT / candidate
 
 
+# Engines load weights and compile: give them time before Serve's health checks count, and to drain.
+ENGINE_REPLICA_OPTIONS: dict[str, Any] = {
+    "health_check_period_s": 10, "health_check_timeout_s": 60, "graceful_shutdown_timeout_s": 30,
+}
+
+
 def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
     res = tier.resources
     actor_options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus}
@@ -51,10 +57,7 @@ def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
         "name": f"tier-{name}",
         "ray_actor_options": actor_options,
         "max_ongoing_requests": tier.replicas.max_ongoing_requests,
-        # Engines load weights and compile: give them time before Serve's health checks count.
-        "health_check_period_s": 10,
-        "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 30,
+        **ENGINE_REPLICA_OPTIONS,
     }
     autoscaling = tier.replicas.autoscaling_config()
     if autoscaling:
@@ -65,7 +68,8 @@ def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
 
 
 def build(config: AppConfig, cache_dir: Path, state_dir: Path) -> Application:
-    tiers = {name: tier_deployment(name, tier, cache_dir) for name, tier in config.tiers.items()}
+    embedded = config.ingress.embed_tier
+    tiers = {name: tier_deployment(name, tier, cache_dir) for name, tier in config.tiers.items() if name != embedded}
     fallback = None
     if config.providers:
         # One replica: breakers and budgets are this process's state (budgets persisted in SQLite).
@@ -73,13 +77,27 @@ def build(config: AppConfig, cache_dir: Path, state_dir: Path) -> Application:
             name="fallback", num_replicas=1, max_ongoing_requests=config.ingress.max_ongoing_requests,
             ray_actor_options={"num_cpus": 0},
         ).bind(config, str(state_dir))
-    ingress = serve.deployment(serve.ingress(api)(Ingress)).options(
-        name="ingress",
-        num_replicas=config.ingress.replicas,
-        max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.cpus},
-    )
-    return ingress.bind(config, tiers, fallback, str(state_dir), AuthSettings())
+    ingress = serve.deployment(serve.ingress(api)(Ingress)).options(**ingress_options(config))
+    return ingress.bind(config, tiers, fallback, str(state_dir), AuthSettings(), str(cache_dir))
+
+
+def ingress_options(config: AppConfig) -> dict[str, Any]:
+    """The ingress deployment; with an embedded tier it also holds that tier's resources and engine."""
+    actor_options: dict[str, Any] = {"num_cpus": config.ingress.cpus}
+    options: dict[str, Any] = {
+        "name": "ingress",
+        "num_replicas": config.ingress.replicas,
+        "max_ongoing_requests": config.ingress.max_ongoing_requests,
+        "ray_actor_options": actor_options,
+    }
+    if config.ingress.embed_tier is not None:
+        res = config.tiers[config.ingress.embed_tier].resources
+        actor_options["num_cpus"] = config.ingress.cpus + res.cpus
+        actor_options["num_gpus"] = res.gpus
+        if res.custom:
+            actor_options["resources"] = dict(res.custom)
+        options.update(ENGINE_REPLICA_OPTIONS)  # its health check asks the engine, as a tier replica's does
+    return options
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -156,6 +156,10 @@ class IngressConfig(Strict):
     ready_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # a probe slower than this marks the tier failing
     # No request waits longer than this for its whole answer (non-streamed) or its first byte (streamed).
     request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    # A tier whose engine runs inside the ingress replica itself: its requests skip the ingress -> tier Ray
+    # hop (one process handles HTTP and vLLM's serving code, as in bare vLLM). The tier then lives and dies
+    # with the ingress replica and cannot autoscale or scale to zero; other tiers are unaffected.
+    embed_tier: str | None = None
 
 
 TierName = Annotated[str, Field(pattern=TIER_NAME)]
@@ -190,6 +194,22 @@ class AppConfig(Strict):
         # written in the file must exist.
         if "default_tier" in self.routing.model_fields_set and self.routing.default_tier not in self.tiers:
             raise ValueError(f"routing.default_tier: unknown tier '{self.routing.default_tier}'")
+        return self
+
+    @model_validator(mode="after")
+    def _embedded_tier(self) -> AppConfig:
+        name = self.ingress.embed_tier
+        if name is None:
+            return self
+        if name not in self.tiers:
+            raise ValueError(f"ingress.embed_tier: unknown tier '{name}'")
+        replicas = self.tiers[name].replicas
+        want = self.ingress.replicas
+        if not replicas.min == replicas.max == want:
+            raise ValueError(
+                f"ingress.embed_tier: tier '{name}' runs in the ingress replicas, which do not autoscale: its "
+                f"replicas need min = max = ingress.replicas ({want}), not min {replicas.min}, max {replicas.max}"
+            )
         return self
 
     @model_validator(mode="after")

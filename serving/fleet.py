@@ -17,6 +17,7 @@ from serving.config import AppConfig
 from serving.gpu import GpuSnapshot
 from serving.router import ProviderState, TierState
 from serving.telemetry import RequestMetrics, estimate_wait_s, relabel, waiting_requests
+from serving.tiers import LocalTier
 
 log = logging.getLogger(__name__)
 FANOUT_TIMEOUT_S = 5.0
@@ -32,6 +33,8 @@ class Fleet:
     def __init__(self, config: AppConfig, tiers: dict[str, Any], app_name: str) -> None:
         self.config = config
         self.tiers = tiers
+        # Tiers whose engine is in this process (ingress.embed_tier): counted here, not by the controller.
+        self.local = {name: t for name, t in tiers.items() if isinstance(t, LocalTier)}
         self.app_name = app_name
         self.engine_families: list[Metric] = []
         self.gpu_snapshots: list[GpuSnapshot] = []
@@ -101,14 +104,19 @@ class Fleet:
                 log.warning("provider states unavailable: %s", exc)
 
     async def refresh_replicas(self) -> None:
+        local = {name: tier.running() for name, tier in self.local.items()}
+        remote = [name for name in self.config.tiers if name not in local]
+        states: dict[str, dict[str, int]] = {}
         try:
-            deployments = (await self._serve_status()).applications[self.app_name].deployments
-            states = {name: deployments[f"tier-{name}"].replica_states for name in self.config.tiers}
+            if remote:
+                deployments = (await self._serve_status()).applications[self.app_name].deployments
+                states = {name: deployments[f"tier-{name}"].replica_states for name in remote}
         except Exception as exc:  # the controller is busy or restarting: keep the last known counts
             log.debug("replica counts unavailable: %s", exc)
+            self.replicas.update(local)
             self.settled = False
             return
-        self.replicas = {name: int(s.get("RUNNING", 0)) for name, s in states.items()}
+        self.replicas = {**{name: int(s.get("RUNNING", 0)) for name, s in states.items()}, **local}
         self.settled = all(state == "RUNNING" or not n for s in states.values() for state, n in s.items())
         self.replicas_read_at = asyncio.get_running_loop().time()
 
@@ -131,6 +139,8 @@ class Fleet:
     async def running_replicas(self, tier: str) -> int | None:
         """RUNNING replicas of a tier according to the Serve controller (None if it can't be asked); the
         refresher's count when it runs, so health checks and fan-outs add no controller calls."""
+        if tier in self.local:
+            return self.local[tier].running()
         if tier in self.replicas:
             return self.replicas[tier]
         try:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from serving.health import ReadinessProber
 from serving.limits import request_timeout_s
 from serving.router import Decision, ProviderState, Router, facts_from_body
 from serving.telemetry import LOCAL, RequestMetrics, RequestRecord
-from serving.tiers import Result, Usage
+from serving.tiers import LocalTier, Result, TierServer, Usage
 from serving.tracing import Tracing
 from serving.warmup import keep_warm_loop, parse_window
 
@@ -93,8 +94,16 @@ class Ingress:
         fallback: Any = None,
         state_dir: str | None = None,
         auth_settings: AuthSettings | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         self.config = config
+        self.embedded: LocalTier | None = None
+        if config.ingress.embed_tier is not None:
+            # Requests for this tier go to an engine in this process: no Ray hop, no copy per chunk.
+            name = config.ingress.embed_tier
+            make = partial(TierServer, name, config.tiers[name], cache_dir or str(Settings().cache_dir))
+            self.embedded = LocalTier(make(), make)
+            tiers = {**tiers, name: self.embedded}
         self.tiers = tiers
         self.fallback = fallback  # the provider deployment's handle; None when no provider is configured
         self.router = Router(config)
@@ -131,6 +140,17 @@ class Ingress:
         if self.keep_warm and self.keep_warm_task is None:
             loop = asyncio.get_running_loop()
             self.keep_warm_task = loop.create_task(keep_warm_loop(self.keep_warm, self.prober.probe))
+
+    async def check_health(self) -> None:
+        """Ray Serve's replica health check: a dead embedded engine is replaced in place (LocalTier); only a
+        replacement that failed fails the check, and Ray then replaces this replica."""
+        if self.embedded is not None:
+            await self.embedded.check_health()
+
+    def __del__(self) -> None:
+        embedded = getattr(self, "embedded", None)
+        if embedded is not None:
+            embedded.server.shutdown()
 
     # -- operational routes -------------------------------------------------------------------------
 
@@ -436,10 +456,12 @@ async def _relay(first: bytes, rest: AsyncIterator[bytes | Usage], record: Reque
             else:
                 yield chunk
     except asyncio.CancelledError:
-        if status != 200:  # went away before the end; closing `rest` cancels the request in the engine
+        if status != 200:  # went away before the end
             status = 499
         raise
     finally:
+        if status != 200:
+            rest.cancel()  # type: ignore[attr-defined]  # a handle's stream or a LocalStream: aborts the engine request
         record.finish(status, usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,7 @@ class TierServer:
             param = _culprit(request_type, body)
             where = f"{param}: " if param else ""
             raise APIError(400, f"{where}invalid value ({type(exc).__name__}: {exc})", param=param) from None
-        if self.engine.errored:
+        if self.engine is None or self.engine.errored:
             raise APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting")
         handler = self.serving[endpoint]
         with self.tracing.span("tierserve.engine", model=self.tier.served_name):
@@ -290,6 +291,8 @@ class TierServer:
         """Generate one token straight through the engine: proof of life that /health/ready can trust."""
         from vllm import SamplingParams
 
+        if self.engine is None:
+            raise RuntimeError(f"tier {self.tier_name}: engine stopped")
         start = time.perf_counter()
         params = SamplingParams(max_tokens=1, temperature=0)
         async for _ in self.engine.generate({"prompt": "ok"}, params, request_id=f"probe-{uuid.uuid4().hex}"):
@@ -314,15 +317,116 @@ class TierServer:
         """Ray Serve calls this periodically; raising makes it replace the replica."""
         await self.engine.check_health()
 
-    def __del__(self) -> None:
-        # Ray Serve calls __del__ on graceful replica shutdown (downscale, redeploy, stop): the engine's
-        # processes must go with the replica, or each scale-down leaks a worker holding GPU memory.
+    def running(self) -> int:
+        """Replicas of this tier that this process can call: itself, unless its engine died."""
+        return 0 if self.engine is None or self.engine.errored else 1
+
+    def shutdown(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
+            self.engine = None
             try:
                 engine.shutdown()
             finally:
                 reap_children()
+
+    def __del__(self) -> None:
+        # Ray Serve calls __del__ on graceful replica shutdown (downscale, redeploy, stop): the engine's
+        # processes must go with the replica, or each scale-down leaks a worker holding GPU memory.
+        self.shutdown()
+
+
+class LocalTier:
+    """A TierServer in the caller's own process, called the way a Ray Serve handle is
+    (`tier.complete.remote(...)`, `tier.options(stream=True).stream.remote(...)`), so the ingress has one
+    request path for embedded and remote tiers. A call is a task on the running loop: no thread, no copy,
+    no serialisation."""
+
+    def __init__(self, server: TierServer, make: Callable[[], TierServer]) -> None:
+        self.server = server
+        self.make = make  # builds a new TierServer (blocking: it loads the model)
+        self.replacing: asyncio.Future[None] | None = None
+        self.replacements = 0
+
+    def running(self) -> int:
+        return self.server.running()
+
+    async def check_health(self) -> None:
+        """The embedding replica's health check. A dead engine is replaced in place, in the background: the
+        gateway and the other tiers keep serving, and this tier's requests go where its overflow policy says
+        until the new engine is up. Only a replacement that fails fails the check (Ray then replaces the
+        whole replica)."""
+        if self.replacing is not None:
+            if not self.replacing.done():
+                return
+            done, self.replacing = self.replacing, None
+            done.result()
+        try:
+            await self.server.check_health()
+        except Exception as exc:
+            log.error("tier %s: engine is dead (%s); starting a new one in this replica", self.server.tier_name, exc)
+            self.replacing = asyncio.ensure_future(self._replace())
+
+    async def _replace(self) -> None:
+        await asyncio.to_thread(self.server.shutdown)
+        self.server = await asyncio.to_thread(self.make)
+        self.replacements += 1
+        log.info("tier %s: new engine ready (replacement %d)", self.server.tier_name, self.replacements)
+
+    def options(self, *, stream: bool = False) -> LocalTier:
+        return self
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        if name.startswith("_") or name not in TIER_METHODS:
+            raise AttributeError(name)
+        return _LocalMethod(getattr(self.server, name))
+
+
+TIER_METHODS = frozenset({"complete", "stream", "probe", "engine_metrics", "gpu_snapshot"})
+
+
+class _LocalMethod:
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        if inspect.isasyncgenfunction(self.fn):
+            return LocalStream(self.fn(*args))
+        if inspect.iscoroutinefunction(self.fn):
+            return asyncio.ensure_future(self.fn(*args))
+        return asyncio.ensure_future(asyncio.to_thread(self.fn, *args))  # NVML and registry reads may block
+
+
+class LocalStream:
+    """An in-process stream with a handle's `cancel()`: closing it aborts the request in the engine."""
+
+    __slots__ = ("gen",)
+
+    def __init__(self, gen: AsyncIterator[Any]) -> None:
+        self.gen = gen
+
+    def __aiter__(self) -> LocalStream:
+        return self
+
+    def __anext__(self) -> Any:
+        return self.gen.__anext__()
+
+    def cancel(self) -> None:
+        task = asyncio.ensure_future(_close(self.gen))
+        _closing.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[None]] = set()
+
+
+async def _close(gen: Any) -> None:
+    # The generator's own `finally` aborts the engine request. One that is mid-step was already closed by its
+    # cancelled step (aclose() then says "already running").
+    with contextlib.suppress(RuntimeError):
+        await gen.aclose()
 
 
 def reap_children(grace_s: float = 5.0) -> None:

@@ -44,6 +44,9 @@ TEST_OVERLAY = {
     # A stalled upload is cut after 10 s (the fuzz test's slow clients). Not less: under the scale-up test's load
     # on 2 cores, a small body once took over 3 s to reach the ingress through the Serve proxy.
     "limits": {"body_timeout_s": 10},
+    # `reasoning` runs in the ingress replica (no Ray hop); the other tiers are deployments of their own, so
+    # every test that spans the tiers covers both request paths.
+    "ingress": {"embed_tier": "reasoning"},
     "tiers": {
         "coder": {"resources": {"cpus": 0.25}},
         # A price per hour, so a key's budget can run out on a local tier: $1 per request-millisecond.

@@ -1,4 +1,8 @@
-"""A tier's engine dies: requests get a 5xx in the error envelope (never a hang), and the tier comes back."""
+"""A tier's engine dies: requests get a 5xx in the error envelope (never a hang), and the tier comes back.
+
+`reasoning` is embedded in the ingress replica (tests/conftest.py): its engine is replaced in place, and the
+gateway keeps serving the other tiers meanwhile. `coder` is a deployment of its own, replaced by Ray Serve.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +18,20 @@ from tests.conftest import auth
 BODY = {"model": "reasoning", "prompt": "hello", "max_tokens": 4, "min_tokens": 4}
 
 
-def engine_core_of(tier: str) -> psutil.Process:
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(f"ServeReplica:tierserve:tier-{tier}" in part for part in proc.info["cmdline"] or []):
-            for child in proc.children(recursive=True):
-                if "EngineCore" in " ".join(child.cmdline()) + child.name():
-                    return child
-    raise LookupError(f"no EngineCore process under tier {tier}'s replica")
+def engine_core_under(deployment: str) -> psutil.Process:
+    for child in replica_process(deployment).children(recursive=True):
+        if "EngineCore" in " ".join(child.cmdline()) + child.name():
+            return child
+    raise LookupError(f"no EngineCore process under the {deployment} replica")
 
 
 @pytest.mark.disruptive
-def test_engine_death_is_a_5xx_then_the_tier_recovers(app_url: str, api_key: str) -> None:
+def test_embedded_engine_death_is_a_5xx_then_it_is_replaced_in_place(app_url: str, api_key: str) -> None:
     with httpx.Client(base_url=app_url, timeout=60, headers=auth(api_key)) as http:
         assert http.post("/v1/completions", json=BODY).status_code == 200
-        engine_core_of("reasoning").send_signal(signal.SIGKILL)
+        ingress = replica_process("ingress")
+        dead = engine_core_under("ingress")
+        dead.send_signal(signal.SIGKILL)
 
         # Until Serve replaces the replica, every answer is a prompt, enveloped 5xx (or already 200 again).
         statuses = []
@@ -45,27 +49,35 @@ def test_engine_death_is_a_5xx_then_the_tier_recovers(app_url: str, api_key: str
             error = r.json()["error"]
             assert error["type"] == "server_error" and isinstance(error["code"], str)
             assert time.monotonic() - started < 30
+            # The gateway stays up meanwhile: the tiers that are deployments of their own still answer.
+            other = http.post("/v1/completions", json={**BODY, "model": "fast"})
+            assert other.status_code == 200, other.text
             time.sleep(2)
         assert statuses[0] in (500, 503), statuses  # the failure was seen, not hidden
         assert statuses[-1] == 200, f"tier did not recover in 300 s: {statuses[-5:]}"
+        print(f"\n[tierserve] embedded engine killed: {len(statuses)} requests until it answered again")
 
-        # The other tiers were never affected.
+        # A new engine in the same ingress process: the replica was not replaced, nothing else restarted.
+        assert replica_process("ingress").pid == ingress.pid
+        assert engine_core_under("ingress").pid != dead.pid
+        assert http.get("/health/ready").status_code == 200
         for tier in ("coder", "fast"):
             assert http.post("/v1/completions", json={**BODY, "model": tier}).status_code == 200
 
 
-def replica_process(tier: str) -> psutil.Process:
+def replica_process(deployment: str) -> psutil.Process:
+    """A deployment's replica: `tier-<name>` or `ingress`."""
     for proc in psutil.process_iter(["cmdline"]):
-        if any(f"ServeReplica:tierserve:tier-{tier}" in part for part in proc.info["cmdline"] or []):
+        if any(f"ServeReplica:tierserve:{deployment}" in part for part in proc.info["cmdline"] or []):
             return proc
-    raise LookupError(f"no replica process for tier {tier}")
+    raise LookupError(f"no replica process for {deployment}")
 
 
 @pytest.mark.disruptive
 def test_readiness_fails_when_a_replica_dies_and_recovers(app_url: str, api_key: str) -> None:
     with httpx.Client(base_url=app_url, timeout=60, headers=auth(api_key)) as http:
         assert http.get("/health/ready").status_code == 200
-        replica_process("coder").send_signal(signal.SIGKILL)
+        replica_process("tier-coder").send_signal(signal.SIGKILL)
         seen = []
         served_by = []
         deadline = time.monotonic() + 300

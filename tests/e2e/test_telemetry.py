@@ -169,22 +169,22 @@ def test_tier_scales_up_under_load_and_back_down(http: httpx.Client, app_url: st
     assert http.post("/v1/completions", json={"model": "fast", "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
-def test_trace_spans_cover_the_request_path(http: httpx.Client, otlp) -> None:
-    r = http.post("/v1/chat/completions", json={"model": "reasoning", "messages": MESSAGES, "max_tokens": 2})
+@pytest.mark.parametrize("tier", ["reasoning", "coder"])  # embedded in the ingress; behind a Ray handle
+def test_trace_spans_cover_the_request_path(http: httpx.Client, otlp, tier: str) -> None:
+    r = http.post("/v1/chat/completions", json={"model": tier, "messages": MESSAGES, "max_tokens": 2})
     assert r.status_code == 200
     wanted = {"tierserve.ingress", "tierserve.route", "tierserve.tier", "tierserve.engine"}
 
     def traced() -> bool:
-        spans = otlp.spans()
         by_trace: dict[bytes, set[str]] = {}
-        for span in spans:
+        tiers: dict[bytes, str] = {}
+        for span in otlp.spans():
             by_trace.setdefault(span.trace_id, set()).add(span.name)
-        return any(names >= wanted for names in by_trace.values())
+            if span.name == "tierserve.tier":
+                tiers[span.trace_id] = {kv.key: kv.value.string_value for kv in span.attributes}["tier"]
+        return any(names >= wanted and tiers.get(t) == tier for t, names in by_trace.items())
 
-    wait_for(traced, 30, every_s=0.5)  # one trace holds all four spans: the context crossed the Ray handle
-    tier_spans = [s for s in otlp.spans() if s.name == "tierserve.tier"]
-    attrs = {kv.key: kv.value.string_value for kv in tier_spans[-1].attributes}
-    assert attrs["tier"] in ("coder", "fast", "reasoning", "spare")
+    wait_for(traced, 30, every_s=0.5)  # one trace holds all four spans: the context reached the tier
 
 
 def test_gpus_command_prints_the_appliance_nodes(app_url: str, api_key: str) -> None:
@@ -223,3 +223,39 @@ def test_client_that_hangs_up_at_done_is_a_complete_request(http: httpx.Client) 
         before, "tierserve_requests_total", **labels, status="499")
     assert value(after, "tierserve_completion_tokens_total", tier="fast", provider="local") - value(
         before, "tierserve_completion_tokens_total", tier="fast", provider="local") == 4
+
+
+def engine_total(samples: dict, name: str, tier: str) -> float:
+    """A vLLM family summed over the tier's replicas (the labels also name model, engine and replica)."""
+    return sum(v for (n, labels), v in samples.items() if n == name and dict(labels).get("tier") == tier)
+
+
+@pytest.mark.parametrize("tier", ["reasoning", "fast"])  # embedded in the ingress; a deployment of its own
+def test_client_that_hangs_up_mid_stream_stops_its_generation(http: httpx.Client, tier: str) -> None:
+    before = scrape(http)
+    wanted = 480  # seconds of generation on this machine; the client reads three chunks and goes
+    body = {"model": tier, "prompt": "hi", "stream": True, "max_tokens": wanted, "min_tokens": wanted}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        read = 0
+        for line in r.iter_lines():
+            read += line.startswith("data: ")
+            if read == 3:
+                break
+    # Wait until the tier generates next to nothing (a generation that was not aborted would run to its 480
+    # tokens first; keep-warm pings add a token every 2 s) ...
+    seen = [engine_total(scrape(http), "vllm:generation_tokens_total", tier)]
+
+    def idle() -> bool:
+        time.sleep(3)
+        seen.append(engine_total(scrape(http), "vllm:generation_tokens_total", tier))
+        return seen[-1] - seen[-2] < 5
+
+    wait_for(idle, 120, every_s=0)
+    after = scrape(http)
+    generated = engine_total(after, "vllm:generation_tokens_total", tier) - engine_total(
+        before, "vllm:generation_tokens_total", tier)
+    # ... and it stopped far short of them, counted as a client hang-up.
+    assert generated < wanted / 2, generated
+    labels = {"tier": tier, "provider": "local", "endpoint": "completion", "status": "499"}
+    assert value(after, "tierserve_requests_total", **labels) - value(before, "tierserve_requests_total", **labels) == 1

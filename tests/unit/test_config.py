@@ -140,3 +140,16 @@ def test_cli_validate_exit_codes(tmp_path: Path, catalog: dict[str, Any]) -> Non
 
     result = run_cli("validate", str(tmp_path / "missing.yaml"))
     assert result.returncode == 1 and "cannot read" in result.stderr
+
+
+def test_embedded_tier_must_exist_and_have_a_fixed_replica_count(catalog: dict[str, Any]) -> None:
+    data = copy.deepcopy(catalog)
+    data["ingress"]["embed_tier"] = "nope"
+    assert problems_for(data) == ["(top level): ingress.embed_tier: unknown tier 'nope'"]
+    data["ingress"]["embed_tier"] = "fast"
+    data["tiers"]["fast"]["replicas"] = {"min": 0, "max": 2}
+    (problem,) = problems_for(data)
+    assert "ingress.embed_tier: tier 'fast' runs in the ingress replicas" in problem
+    assert "min = max = ingress.replicas (1), not min 0, max 2" in problem
+    data["tiers"]["fast"]["replicas"] = {"min": 1, "max": 1}
+    assert build_config(data, None).ingress.embed_tier == "fast"

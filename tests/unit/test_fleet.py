@@ -57,3 +57,47 @@ def test_replica_counts_are_read_rarely_when_settled_and_at_once_when_changing(m
         assert fleet.replicas == {"fast": 2} and fleet.settled and len(calls) == 5
 
     asyncio.run(run())
+
+
+class EmbeddedEngine:
+    """What Fleet reads of an embedded tier: whether its engine runs (the engine itself is in e2e tests)."""
+
+    def __init__(self) -> None:
+        self.alive = 1
+
+    def running(self) -> int:
+        return self.alive
+
+
+def test_embedded_tier_is_counted_in_process_and_never_asked_of_the_controller(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import serve
+
+    from serving.tiers import LocalTier
+
+    config = build_config({"ingress": {"embed_tier": "fast"}, "tiers": {
+        "fast": {"served_name": "f", "model": TINY}, "coder": {"served_name": "c", "model": TINY}}}, None)
+    embedded = LocalTier(EmbeddedEngine(), EmbeddedEngine)  # type: ignore[arg-type]
+    fleet = Fleet(config, {"fast": embedded}, "app")
+    calls: list[int] = []
+
+    def status() -> Any:  # the controller knows only the deployments: coder's
+        calls.append(1)
+        return status_with({"coder": {"RUNNING": 1}})
+
+    monkeypatch.setattr(serve, "status", status)
+
+    async def run() -> None:
+        await fleet.refresh_states()
+        assert fleet.replicas == {"coder": 1, "fast": 1} and fleet.settled
+        embedded.server.alive = 0  # the engine died: out of the router's candidates at the next refresh
+        await fleet.refresh_states(replicas=True)
+        assert fleet.replicas["fast"] == 0 and await fleet.running_replicas("fast") == 0
+        assert len(calls) == 2
+
+    asyncio.run(run())
+
+    only = build_config({"ingress": {"embed_tier": "fast"}, "tiers": {"fast": {"served_name": "f", "model": TINY}}},
+                        None)
+    alone = Fleet(only, {"fast": embedded}, "app")
+    asyncio.run(alone.refresh_states())
+    assert alone.replicas == {"fast": 0} and len(calls) == 2  # only embedded tiers: no controller call at all

@@ -18,7 +18,9 @@ def config_with_keep_warm(tmp_path: Path):
 
     data = yaml.safe_load((ROOT / "models.yaml").read_text())
     data["profiles"]["local"] = deep_merge(
-        data["profiles"]["local"], {"tiers": {"fast": {"replicas": {"keep_warm_hours": "00:00-00:00"}}}}
+        data["profiles"]["local"],
+        # No embedded tier: that would start an engine (the e2e suite covers it).
+        {"ingress": {"embed_tier": None}, "tiers": {"fast": {"replicas": {"keep_warm_hours": "00:00-00:00"}}}},
     )
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(data))
     return load_config(tmp_path / "m.yaml", "local")
