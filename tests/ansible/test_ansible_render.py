@@ -22,7 +22,7 @@ ROLE = ANSIBLE_DIR / "roles" / "tierserve"
 EXTRA_VARS = {
     "tierserve_models_source": str(REPO / "models.yaml"),
     "tierserve_deployments_source": str(REPO / "deployments"),
-    "tierserve_models_overrides": {"tiers": {"fast": {"replicas": {"min": 1, "max": 3}}}},
+    "tierserve_models_overrides": {"tiers": {"coder": {"replicas": {"min": 1, "max": 3}}}},
     "tierserve_hf_token": "hf_secret_for_test",
 }
 
@@ -78,8 +78,8 @@ def rendered(tmp_path_factory):
 def test_models_yaml_merges_overrides_and_validates(rendered) -> None:
     path = rendered / "gpu1" / "models.yaml"
     doc = yaml.safe_load(path.read_text())
-    assert doc["tiers"]["fast"]["replicas"] == {"min": 1, "max": 3}
-    assert doc["tiers"]["coder"] == yaml.safe_load((REPO / "models.yaml").read_text())["tiers"]["coder"]
+    assert doc["tiers"]["coder"]["replicas"] == {"min": 1, "max": 3}
+    assert doc["tiers"]["fast"] == yaml.safe_load((REPO / "models.yaml").read_text())["tiers"]["fast"]
     proc = subprocess.run(
         [sys.executable, "-m", "serving.cli", "validate", str(path)],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
