@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
-from serving.config import AppConfig, AuthSettings, Settings, Tier, load_config
+from serving.config import AppConfig, AuthSettings, Resources, Settings, Tier, load_config
 from serving.fallback import FallbackServer
 from serving.ingress import Ingress, api
 from serving.tiers import TierServer
@@ -46,11 +46,17 @@ ENGINE_REPLICA_OPTIONS: dict[str, Any] = {
 }
 
 
+def engine_actor_options(res: Resources, cpus: float = 0.0) -> dict[str, Any]:
+    """Ray actor options of a replica that holds a tier's engine (`cpus`: the replica's own on top)."""
+    options: dict[str, Any] = {"num_cpus": cpus + res.cpus, "num_gpus": res.gpus}
+    if res.custom:
+        options["resources"] = dict(res.custom)
+    return options
+
+
 def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
     res = tier.resources
-    actor_options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus}
-    if res.custom:
-        actor_options["resources"] = dict(res.custom)
+    actor_options = engine_actor_options(res)
     if res.env:
         actor_options["runtime_env"] = {"env_vars": dict(res.env)}
     options: dict[str, Any] = {
@@ -83,19 +89,15 @@ def build(config: AppConfig, cache_dir: Path, state_dir: Path) -> Application:
 
 def ingress_options(config: AppConfig) -> dict[str, Any]:
     """The ingress deployment; with an embedded tier it also holds that tier's resources and engine."""
-    actor_options: dict[str, Any] = {"num_cpus": config.ingress.cpus}
     options: dict[str, Any] = {
         "name": "ingress",
         "num_replicas": config.ingress.replicas,
         "max_ongoing_requests": config.ingress.max_ongoing_requests,
-        "ray_actor_options": actor_options,
+        "ray_actor_options": {"num_cpus": config.ingress.cpus},
     }
     if config.ingress.embed_tier is not None:
         res = config.tiers[config.ingress.embed_tier].resources
-        actor_options["num_cpus"] = config.ingress.cpus + res.cpus
-        actor_options["num_gpus"] = res.gpus
-        if res.custom:
-            actor_options["resources"] = dict(res.custom)
+        options["ray_actor_options"] = engine_actor_options(res, config.ingress.cpus)
         options.update(ENGINE_REPLICA_OPTIONS)  # its health check asks the engine, as a tier replica's does
     return options
 

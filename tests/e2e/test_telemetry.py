@@ -32,6 +32,11 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def engine_total(samples: dict, name: str, tier: str) -> float:
+    """A vLLM family summed over the tier's replicas (the labels also name model, engine and replica)."""
+    return sum(v for (n, labels), v in samples.items() if n == name and dict(labels).get("tier") == tier)
+
+
 @pytest.fixture(scope="module")
 def http(app_url: str, api_key: str) -> httpx.Client:
     with httpx.Client(base_url=app_url, timeout=120, headers=auth(api_key)) as c:
@@ -199,8 +204,7 @@ def test_gpus_command_prints_the_appliance_nodes(app_url: str, api_key: str) -> 
 
 def test_keep_warm_pings_reach_the_engine_without_client_traffic(http: httpx.Client) -> None:
     def engine_requests() -> float:
-        return sum(v for (name, labels), v in scrape(http).items()
-                   if name == "vllm:request_success_total" and dict(labels).get("tier") == "reasoning")
+        return engine_total(scrape(http), "vllm:request_success_total", "reasoning")
 
     before = engine_requests()
     time.sleep(7)  # the test profile pings `reasoning` every 2 s, all day
@@ -225,15 +229,10 @@ def test_client_that_hangs_up_at_done_is_a_complete_request(http: httpx.Client) 
         before, "tierserve_completion_tokens_total", tier="fast", provider="local") == 4
 
 
-def engine_total(samples: dict, name: str, tier: str) -> float:
-    """A vLLM family summed over the tier's replicas (the labels also name model, engine and replica)."""
-    return sum(v for (n, labels), v in samples.items() if n == name and dict(labels).get("tier") == tier)
-
-
 @pytest.mark.parametrize("tier", ["reasoning", "fast"])  # embedded in the ingress; a deployment of its own
 def test_client_that_hangs_up_mid_stream_stops_its_generation(http: httpx.Client, tier: str) -> None:
     before = scrape(http)
-    wanted = 480  # seconds of generation on this machine; the client reads three chunks and goes
+    wanted = 480  # tokens: seconds of generation on this machine; the client reads three chunks and goes
     body = {"model": tier, "prompt": "hi", "stream": True, "max_tokens": wanted, "min_tokens": wanted}
     with http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
