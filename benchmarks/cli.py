@@ -107,6 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=300)
     p.add_argument("--noise-note", default=None, help="a sentence on background load, for the .md")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=20.0,
+        help="after the loads, measure each server's CPU while nothing is sent for this long (0: skip)",
+    )
     return p.parse_args(argv)
 
 
@@ -407,6 +413,9 @@ def run(args: argparse.Namespace) -> int:
                         check_alive(started_servers)
 
         probes = run_probes(args, endpoints, tierserve_note, prompts_all, work)
+        idle = servers.idle_cpu(started_servers, args.idle_seconds) if args.idle_seconds > 0 else {}
+        for name, parts in idle.items():
+            print(f"idle {name}: gateway {parts['gateway_pct_core']}% of a core, engine {parts['engine_pct_core']}%")
         for s in started_servers:
             s.snapshot()
         hourly, source, hosted = prices(args.models_yaml, args.gpu_hourly_usd)
@@ -472,6 +481,7 @@ def run(args: argparse.Namespace) -> int:
                 "per_mode": report.cost_table(results, hourly),
             },
             "probes": probes,
+            "idle_cpu": {"seconds": args.idle_seconds, "systems": idle},
             "raw": {"fields": report.RAW_FIELDS, "levels": raw},
         }
     finally:

@@ -4,17 +4,20 @@ On a 2-core box every cycle the gateway spends is taken from the engine, so this
 its own unit, and far steadier between runs than a throughput ratio. Usage, against a running tierserve
 (or any OpenAI-compatible server on this machine):
 
-    python -m benchmarks.cpucost http://127.0.0.1:8000/v1 fast LABEL [API_KEY]
+    python -m benchmarks.cpucost http://127.0.0.1:8000/v1 fast LABEL [API_KEY] [--concurrency 16] [--requests 96]
 
-Prints one JSON line: tokens, wall time, tok/s and CPU ms per token for the tier replica, ingress replica,
-Serve proxy, engine core, vLLM API server, Ray's own processes.
+Prints one JSON line: tokens, wall time, tok/s, time to first token p50, and CPU ms per token for the tier
+replica, ingress replica, Serve proxy, engine core, engine worker (the model's forward passes), vLLM API server,
+Ray's own processes. `--idle SECONDS` sends nothing and prints each group's CPU use instead, in percent of one
+core: what the server costs the engines on its node while it waits.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
-import sys
+import statistics
 
 import psutil
 
@@ -25,6 +28,7 @@ GROUPS = [
     ("ServeReplica:tierserve:ingress", "ingress replica"),
     ("ProxyActor", "serve proxy"),
     ("EngineCore", "engine core"),
+    ("VLLM::Worker", "engine worker"),
     ("vllm.entrypoints.openai.api_server", "vllm api server"),
     ("raylet", "ray system"),
     ("gcs_server", "ray system"),
@@ -49,6 +53,14 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
     return out
 
 
+def spent_by_group(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per group between two readings (a process started in between counts from zero)."""
+    spent: dict[str, float] = {}
+    for pid, (group, cpu) in after.items():
+        spent[group] = spent.get(group, 0.0) + cpu - before.get(pid, (group, 0.0))[1]
+    return spent
+
+
 async def measure(base_url: str, model: str, key: str | None, requests: int = 96, concurrency: int = 16) -> dict:
     """The benchmark's own closed-loop load (`loadgen.run_level`: 64 forced output tokens, temperature 0);
     tokens are the servers' usage counts, so chunks that carry two tokens count both."""
@@ -59,22 +71,42 @@ async def measure(base_url: str, model: str, key: str | None, requests: int = 96
     samples, wall = await run_level(base_url, model, prompts[8:], work, True, concurrency, key or "")
     after = cpu_by_process()
     tokens = sum(s.output_tokens for s in samples if s.error is None)
-    spent: dict[str, float] = {}
-    for pid, (group, cpu) in after.items():
-        spent[group] = spent.get(group, 0.0) + cpu - before.get(pid, (group, 0.0))[1]
+    ttfts = [s.ttft for s in samples if s.error is None and s.ttft is not None]
+    spent = spent_by_group(before, after)
     return {
         "tokens": tokens,
         "errors": sum(s.error is not None for s in samples),
         "wall_s": round(wall, 1),
         "tok_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1) if ttfts else None,
         "cpu_ms_per_token": {group: round(s * 1000 / tokens, 3) for group, s in sorted(spent.items())},
     }
 
 
+async def idle(seconds: float) -> dict:
+    """CPU per group while nothing is sent: background work (control loops, pollers, health checks)."""
+    before = cpu_by_process()
+    await asyncio.sleep(seconds)
+    spent = spent_by_group(before, cpu_by_process())
+    percent = {group: round(100 * s / seconds, 2) for group, s in sorted(spent.items())}
+    return {"idle_s": seconds, "cpu_percent_of_core": percent}
+
+
 def main() -> None:
-    base_url, model, label = sys.argv[1:4]
-    key = sys.argv[4] if len(sys.argv) > 4 else None
-    print(json.dumps({"label": label, **asyncio.run(measure(base_url, model, key))}))
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpucost", description=__doc__.split("\n")[0])
+    p.add_argument("base_url")
+    p.add_argument("model")
+    p.add_argument("label")
+    p.add_argument("api_key", nargs="?")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--idle", type=float, metavar="SECONDS", help="measure background CPU without load instead")
+    a = p.parse_args()
+    if a.idle:
+        print(json.dumps({"label": a.label, **asyncio.run(idle(a.idle))}))
+        return
+    result = asyncio.run(measure(a.base_url, a.model, a.api_key, a.requests, a.concurrency))
+    print(json.dumps({"label": a.label, "concurrency": a.concurrency, **result}))
 
 
 if __name__ == "__main__":

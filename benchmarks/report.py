@@ -350,6 +350,20 @@ def markdown(doc: dict, png: list[Path]) -> str:
         else:
             lines.append(f"- **{name}**: not available — {probe.get('reason', 'unknown')}")
     lines.append("")
+    idle = doc.get("idle_cpu") or {}
+    if idle.get("systems"):
+        lines += [
+            f"## Idle CPU ({_f(idle['seconds'], 0)} s after the loads, nothing sent; percent of one core)",
+            "",
+            "What each server takes from the engines on its node while it waits: the gateway is everything but "
+            "the vLLM engine processes (HTTP server, Ray's processes, background pollers).",
+            "",
+            "| system | gateway | engine |",
+            "|---|---:|---:|",
+        ]
+        for name, parts in idle["systems"].items():
+            lines.append(f"| {name} | {_f(parts['gateway_pct_core'], 2)} | {_f(parts['engine_pct_core'], 2)} |")
+        lines.append("")
     if png:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in png] + [""]
     if meta.get("startup_s"):

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,22 @@ class Server:
                     self.seen[p.pid] = (p.create_time(), " ".join(p.cmdline()[:3]) or p.name())
         except psutil.Error:
             pass
+
+    def tree_cpu(self) -> dict[int, tuple[bool, float]]:
+        """CPU seconds (user + system) of each live process of this server: pid -> (an engine process?, s)."""
+        if self.proc is None:
+            return {}
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return {}
+        out = {}
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                times = p.cpu_times()
+                out[p.pid] = (is_engine(" ".join(p.cmdline()) + " " + p.name()), times.user + times.system)
+        return out
 
     def lost_descendants(self) -> list[str]:
         """Engine/Ray processes seen at readiness that are gone although the server still runs."""
@@ -342,7 +359,7 @@ def leftover_engines(before: set[int]) -> list[str]:
             continue
         if p.info["status"] == psutil.STATUS_ZOMBIE:  # exited, only not yet reaped by its parent
             continue
-        if ("VLLM::" in text or "EngineCore" in text) and p.info["pid"] not in before:
+        if is_engine(text) and p.info["pid"] not in before:
             out.append(f"{p.info['pid']}: {text[:80]}")
     return out
 
@@ -352,6 +369,28 @@ def engine_pids() -> set[int]:
     for p in psutil.process_iter(["pid", "cmdline", "name"]):
         with contextlib.suppress(psutil.Error):
             text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
-            if "VLLM::" in text or "EngineCore" in text:
+            if is_engine(text):
                 pids.add(p.info["pid"])
     return pids
+
+
+def is_engine(text: str) -> bool:
+    """A vLLM engine process (EngineCore, its workers), by command line or name."""
+    return "VLLM::" in text or "EngineCore" in text
+
+
+def idle_cpu(
+    started: list[Server], seconds: float, sleep: Callable[[float], object] = time.sleep
+) -> dict[str, dict[str, float]]:
+    """Each server's CPU while nothing is sent, in percent of one core: its gateway (everything but the
+    engine: HTTP server, Ray's processes, pollers) and its engine processes. On a small node the gateway's
+    share is taken from the engine whether or not requests come."""
+    before = {s.name: s.tree_cpu() for s in started}
+    sleep(seconds)
+    out = {}
+    for s in started:
+        spent = {"gateway": 0.0, "engine": 0.0}
+        for pid, (engine, cpu) in s.tree_cpu().items():
+            spent["engine" if engine else "gateway"] += cpu - before[s.name].get(pid, (engine, 0.0))[1]
+        out[s.name] = {f"{part}_pct_core": round(100 * v / seconds, 2) for part, v in spent.items()}
+    return out

@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ENDPOINTS = ("chat", "completion")
 DONE = b"data: [DONE]\n\n"
+DONE_TEXT = DONE.decode()
 USAGE_CHUNK_PREFIX = 'data: {"id":'  # vLLM's chunks; the usage-only one has `"choices":[]`
 
 
@@ -212,78 +214,55 @@ class TierServer:
         return Result(200, body, usage.prompt_tokens, usage.completion_tokens or 0)
 
     async def stream(
-        self, endpoint: str, body: dict[str, Any], trace: dict[str, str] | None = None
+        self, endpoint: str, body: dict[str, Any], trace: dict[str, str] | None = None, coalesce: bool = True
     ) -> AsyncIterator[bytes | Result | Usage]:
+        """Yield an error Result alone, or SSE bytes, then a Usage, then `[DONE]`. `coalesce` (the Ray path)
+        sends the chunks already produced together, so a busy engine costs fewer Ray object transfers without
+        delaying any token; an embedded tier (LocalTier) passes each chunk straight on, with no task hop."""
         with self.tracing.span("tierserve.tier", parent=trace, tier=self.tier_name, endpoint=endpoint, stream=True):
-            async for item in self._stream(endpoint, body):
-                yield item
-
-    async def _stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[bytes | Result | Usage]:
-        """Yield an error Result alone, or SSE bytes and then a Usage. Chunks already produced are sent
-        together, so a busy engine costs fewer Ray object transfers without delaying any token."""
-        options = body.get("stream_options")
-        client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        if options is None or isinstance(options, dict):
-            # Always ask vLLM for the final usage chunk: metrics and budgets count streamed tokens too.
-            body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
-        try:
-            result = await self._start(endpoint, body)
-        except APIError as exc:
-            yield Result.error(exc)
-            return
-        if hasattr(result, "model_dump"):
-            yield Result.error(APIError(400, "stream=false must use the non-streaming path", param="stream"))
-            return
-
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        usage: list[Usage] = []
-
-        async def pump() -> None:
+            options = body.get("stream_options")
+            client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            if options is None or isinstance(options, dict):
+                # Always ask vLLM for the final usage chunk: metrics and budgets count streamed tokens too.
+                body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
             try:
-                async for chunk in result:
-                    if chunk.startswith(USAGE_CHUNK_PREFIX) and '"choices":[]' in chunk:
-                        counts = orjson.loads(chunk[6:])["usage"]
-                        usage.append(Usage(counts["prompt_tokens"], counts.get("completion_tokens") or 0))
-                        if not client_wants_usage:
-                            continue
-                    queue.put_nowait(_translate_sse(chunk))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the stream has started: report in-stream, in the same envelope
-                queue.put_nowait(self._map_exception(exc).sse())
-            finally:
-                queue.put_nowait(None)
-
-        task = asyncio.create_task(pump())
-        held = b""
-        try:
-            while True:
-                parts = [await queue.get()]
-                while not queue.empty():
-                    parts.append(queue.get_nowait())
-                ended = parts[-1] is None
-                data = held + b"".join(p for p in parts if p is not None)
-                if not ended and data.endswith(DONE):
-                    held = data  # the end marker is a moment away: send [DONE] after the usage
-                    continue
-                held = b""
-                if not ended:
-                    yield data
-                    continue
-                # The end: the usage goes after the data (the first item must be bytes: the ingress sends
-                # it as the response's first chunk) and before the closing `[DONE]` (a client hangs up on
-                # [DONE], and anything still owed after it turns a finished response into a cancelled one).
-                body = data[: -len(DONE)] if data.endswith(DONE) else data
-                if body:
-                    yield body
-                if usage:
-                    yield usage[-1]
-                if len(body) < len(data):
-                    yield DONE
+                result = await self._start(endpoint, body)
+            except APIError as exc:
+                yield Result.error(exc)
                 return
-        finally:
-            # Client went away (or we finished): cancelling the generator aborts the request in vLLM.
-            task.cancel()
+            if hasattr(result, "model_dump"):
+                yield Result.error(APIError(400, "stream=false must use the non-streaming path", param="stream"))
+                return
+            items = self._items(result, client_wants_usage)
+            if coalesce:
+                items = _coalesced(items)
+            async with contextlib.aclosing(items):  # closed now, not when collected: aborts in the engine
+                async for item in items:
+                    yield item
+
+    async def _items(self, result: AsyncIterator[str], client_wants_usage: bool) -> AsyncIterator[bytes | Usage]:
+        """vLLM's SSE strings as bytes, with the usage as a Usage item after the data and before `[DONE]` (a
+        client hangs up on [DONE], and anything still owed after it turns a finished response into a
+        cancelled one). Closing this generator closes vLLM's, which aborts the request in the engine."""
+        usage: Usage | None = None
+        done = False
+        try:
+            async for chunk in result:
+                if chunk.startswith(USAGE_CHUNK_PREFIX) and '"choices":[]' in chunk:
+                    counts = orjson.loads(chunk[6:])["usage"]
+                    usage = Usage(counts["prompt_tokens"], counts.get("completion_tokens") or 0)
+                    if not client_wants_usage:
+                        continue
+                elif chunk == DONE_TEXT:
+                    done = True
+                    break
+                yield _translate_sse(chunk)
+        except Exception as exc:  # the stream has started: report in-stream, in the same envelope
+            yield self._map_exception(exc).sse()
+        if usage is not None:
+            yield usage
+        if done:
+            yield DONE
 
     # -- health and telemetry -----------------------------------------------------------------------
 
@@ -379,6 +358,8 @@ class LocalTier:
     def __getattr__(self, name: str) -> _LocalMethod:
         if name.startswith("_") or name not in TIER_METHODS:
             raise AttributeError(name)
+        if name == "stream":  # in process: no Ray transfer per chunk to save, so no coalescing task either
+            return _LocalMethod(partial(self.server.stream, coalesce=False))
         return _LocalMethod(getattr(self.server, name))
 
 
@@ -463,6 +444,40 @@ def _culprit(request_type: Any, body: dict[str, Any]) -> str | None:
             continue
         return name
     return None
+
+
+async def _coalesced(items: AsyncIterator[bytes | Usage]) -> AsyncIterator[bytes | Usage]:
+    """The same items, with SSE bytes already waiting joined into one: a pump task reads ahead into a queue."""
+    queue: asyncio.Queue[bytes | Usage | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for item in items:
+                queue.put_nowait(item)
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            parts = [await queue.get()]
+            while not queue.empty():
+                parts.append(queue.get_nowait())
+            data = b""
+            for part in parts:
+                if isinstance(part, bytes):
+                    data += part
+                    continue
+                if data:
+                    yield data
+                    data = b""
+                if part is None:
+                    return
+                yield part
+            if data:
+                yield data
+    finally:
+        task.cancel()  # the consumer went away (or we finished): cancelling the pump aborts the engine request
 
 
 def _translate_sse(chunk: str) -> bytes:
