@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+from pydantic import ValidationError
 
 from serving.config import AppConfig, AuthConfig, AuthSettings, ConfigError, Settings, load_config, validate_file
 
@@ -375,8 +376,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = parser().parse_args(argv)
+        return args.func(args)
+    except ValidationError as exc:
+        if exc.title not in ("Settings", "AuthSettings"):
+            raise
+        # A bad TIERSERVE_* variable: name it, no traceback.
+        for err in exc.errors():
+            name = "TIERSERVE_" + "_".join(str(part) for part in err["loc"]).upper()
+            print(f"error: environment variable {name}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

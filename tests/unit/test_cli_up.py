@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.cli import direct_ingress, port_free, wait_port_free
+from serving.cli import direct_ingress, main, port_free, wait_port_free
 from serving.config import load_config
 
 LOCAL = load_config(Path(__file__).resolve().parents[2] / "models.yaml", "local")
@@ -78,3 +78,13 @@ def test_free_port_is_not_waited_for() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert wait_port_free("127.0.0.1", port, sleep=lambda _s: pytest.fail("waited for a free port"))
+
+
+def test_a_bad_environment_setting_is_named_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TIERSERVE_PORT", "eighty")
+    assert main(["validate", "models.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "environment variable TIERSERVE_PORT" in err and "valid integer" in err and "'eighty'" in err
+    assert "Traceback" not in err
