@@ -247,16 +247,17 @@ class TierServer:
         usage: Usage | None = None
         done = False
         try:
-            async for chunk in result:
-                if chunk.startswith(USAGE_CHUNK_PREFIX) and '"choices":[]' in chunk:
-                    counts = orjson.loads(chunk[6:])["usage"]
-                    usage = Usage(counts["prompt_tokens"], counts.get("completion_tokens") or 0)
-                    if not client_wants_usage:
+            async with contextlib.aclosing(result):  # our close reaches vLLM's generator at once
+                async for chunk in result:
+                    if chunk.startswith(USAGE_CHUNK_PREFIX) and '"choices":[]' in chunk:
+                        counts = orjson.loads(chunk[6:])["usage"]
+                        usage = Usage(counts["prompt_tokens"], counts.get("completion_tokens") or 0)
+                        if not client_wants_usage:
+                            continue
+                    elif chunk == DONE_TEXT:
+                        done = True  # vLLM's last item: held until the usage has gone
                         continue
-                elif chunk == DONE_TEXT:
-                    done = True
-                    break
-                yield _translate_sse(chunk)
+                    yield _translate_sse(chunk)
         except Exception as exc:  # the stream has started: report in-stream, in the same envelope
             yield self._map_exception(exc).sse()
         if usage is not None:
