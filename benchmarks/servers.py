@@ -28,6 +28,8 @@ import httpx
 import psutil
 import yaml
 
+from benchmarks.cpucost import spent_by_group
+
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 
@@ -87,8 +89,8 @@ class Server:
         except psutil.Error:
             pass
 
-    def tree_cpu(self) -> dict[int, tuple[bool, float]]:
-        """CPU seconds (user + system) of each live process of this server: pid -> (an engine process?, s)."""
+    def tree_cpu(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds (user + system) of each live process of this server: pid -> ("engine" | "gateway", s)."""
         if self.proc is None:
             return {}
         try:
@@ -100,7 +102,8 @@ class Server:
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 times = p.cpu_times()
-                out[p.pid] = (is_engine(" ".join(p.cmdline()) + " " + p.name()), times.user + times.system)
+                part = "engine" if is_engine(" ".join(p.cmdline()) + " " + p.name()) else "gateway"
+                out[p.pid] = (part, times.user + times.system)
         return out
 
     def lost_descendants(self) -> list[str]:
@@ -389,8 +392,6 @@ def idle_cpu(
     sleep(seconds)
     out = {}
     for s in started:
-        spent = {"gateway": 0.0, "engine": 0.0}
-        for pid, (engine, cpu) in s.tree_cpu().items():
-            spent["engine" if engine else "gateway"] += cpu - before[s.name].get(pid, (engine, 0.0))[1]
+        spent = {"gateway": 0.0, "engine": 0.0, **spent_by_group(before[s.name], s.tree_cpu())}
         out[s.name] = {f"{part}_pct_core": round(100 * v / seconds, 2) for part, v in spent.items()}
     return out
