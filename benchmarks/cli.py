@@ -31,9 +31,14 @@ SYSTEM_TEXT = {
     "bare": "vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`)",
     "tierserve": "`tierserve up` serving the same model directory as tier `bench`, embedded in the ingress "
     "replica (HTTP → ingress replica: auth, routing, metrics, vLLM's serving code → engine core); "
-    "with --no-embed: HTTP → ingress replica → tier replica → engine core",
+    "with --no-embed: HTTP → ingress replica → tier replica → engine core; a CPU tier, so its engine core runs "
+    "on its worker's CPUs (serving/affinity.py)",
     "litellm": "LiteLLM proxy (`litellm --config`, 1 worker) in front of the same bare vLLM",
+    "bare-colocated": "the same bare vLLM server with its engine-core process moved onto its worker's CPUs "
+    "after start, as tierserve does for CPU tiers (serving/affinity.py): tierserve against it is the gateway's "
+    "cost alone",
 }
+SYSTEMS = ("bare", "bare-colocated", "tierserve", "litellm")  # report order; these get the ratios
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", choices=sorted(SWEEPS), default="full", help="full: 1,8,16,32,64,128; smoke: 1,4")
     p.add_argument("--concurrency", help="comma-separated levels; overrides --sweep")
     p.add_argument("--modes", default="stream,nonstream", help="stream, nonstream or both")
-    p.add_argument("--systems", default="bare,tierserve,litellm", help="systems to start (ignored with --target)")
+    p.add_argument("--systems", default="bare,tierserve,litellm",
+                   help=f"systems to start, of {', '.join(SYSTEMS)} (ignored with --target)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument(
@@ -317,9 +323,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
             need_bare = "bare" in wanted or "litellm" in wanted
-            bare = tier = lite = None
+            bare = tier = lite = pinned = None
             if need_bare:
                 bare = servers.bare_vllm(model_dir, args.served_name, workdir, args.max_model_len, args.max_num_seqs)
+            if "bare-colocated" in wanted:
+                pinned = servers.bare_vllm(model_dir, args.served_name, workdir, args.max_model_len,
+                                           args.max_num_seqs, name="bare-colocated")
             if "tierserve" in wanted:
                 tier, tierserve_note = servers.tierserve(
                     model_dir,
@@ -332,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
                     embed=not args.no_embed,
                 )
             print(f"workdir {workdir} (logs, generated configs)", flush=True)
-            first = [s for s in (bare, tier) if s]
+            first = [s for s in (bare, pinned, tier) if s]
             for s in first:
                 started_servers.append(s)
                 s.start()
@@ -343,19 +352,20 @@ def run(args: argparse.Namespace) -> int:
 
             print("starting " + ", ".join(s.name for s in first) + " ...", flush=True)
             servers.wait_ready(first, args.start_timeout, tick)
+            if pinned:
+                for pid, cpus in servers.colocate(pinned).items():
+                    print(f"  bare-colocated: engine core {pid} moved onto CPUs {sorted(cpus)}", flush=True)
             if "litellm" in wanted:
                 lite = servers.litellm_proxy(args.served_name, bare.base_url, workdir)
                 started_servers.append(lite)
                 lite.start()
                 servers.wait_ready([lite], max(60.0, args.start_timeout - (time.monotonic() - t0)), tick)
-            for s in (bare, tier, lite):
+            for s in (bare, pinned, tier, lite):
                 if s and s.name in wanted:
                     endpoints[s.name] = {"url": s.base_url, "model": s.model, "api_key": s.api_key}
 
         prompts_all = PromptMaker(tokenizer_dir)
-        order = [n for n in ("bare", "tierserve", "litellm") if n in endpoints] + [
-            n for n in endpoints if n not in ("bare", "tierserve", "litellm")
-        ]
+        order = [n for n in SYSTEMS if n in endpoints] + [n for n in endpoints if n not in SYSTEMS]
         results: dict[str, dict[str, dict[int, dict]]] = {m: {n: {} for n in order} for m in modes}
         raw: dict[str, Any] = {}
         total_all = total * len(order) + args.warmup * len(order) * len(modes)
@@ -419,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
         for s in started_servers:
             s.snapshot()
         hourly, source, hosted = prices(args.models_yaml, args.gpu_hourly_usd)
-        rat = report.ratios(results)
+        rat = report.ratios(results, against=tuple(n for n in SYSTEMS if n != "tierserve"))
         finished = dt.datetime.now().astimezone()
         load_end = [round(x, 2) for x in os.getloadavg()]
         systems_text = {

@@ -33,7 +33,12 @@ GROUPS = [
     ("raylet", "ray system"),
     ("gcs_server", "ray system"),
     ("ServeController", "ray system"),
-    ("dashboard", "ray system"),
+    ("dashboard", "ray system"),  # the dashboard head and its module processes
+    ("DashboardAgent", "ray system"),
+    ("RuntimeEnvAgent", "ray system"),
+    ("log_monitor.py", "ray system"),
+    ("autoscaler/_private/monitor.py", "ray system"),
+    ("bin/serve run", "ray system"),  # `serve run`, the driver `tierserve up` starts
     ("ServeReplica", "other replicas"),
 ]
 

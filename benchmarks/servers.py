@@ -211,7 +211,9 @@ def bin_of(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def bare_vllm(model_dir: Path, served: str, workdir: Path, max_model_len: int, max_num_seqs: int) -> Server:
+def bare_vllm(
+    model_dir: Path, served: str, workdir: Path, max_model_len: int, max_num_seqs: int, name: str = "bare"
+) -> Server:
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -221,7 +223,19 @@ def bare_vllm(model_dir: Path, served: str, workdir: Path, max_model_len: int, m
         "--max-num-seqs", str(max_num_seqs), "--seed", "0",
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
-    return Server("bare", cmd, port, served, workdir / "bare-vllm.log", child_env(VLLM_CPU_KVCACHE_SPACE="1"))
+    return Server(name, cmd, port, served, workdir / f"{name}-vllm.log", child_env(VLLM_CPU_KVCACHE_SPACE="1"))
+
+
+def colocate(server: Server) -> dict[int, set[int]]:
+    """Place a bare vLLM's engine core the way tierserve places a CPU tier's (serving/affinity.py), so that
+    tierserve against this server measures the gateway alone, without the placement's gain."""
+    from serving.affinity import colocate_engine_cores
+
+    assert server.proc is not None
+    moved = colocate_engine_cores(psutil.Process(server.proc.pid))
+    if not moved:
+        raise RuntimeError(f"{server.name}: no engine core to move onto its worker's CPUs")
+    return moved
 
 
 BENCH_TIER = "bench"

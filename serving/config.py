@@ -70,6 +70,8 @@ class Resources(Strict):
     cpus: Annotated[float, Field(gt=0)] = 1
     custom: dict[str, float] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict, description="environment of the replica and engine")
+    # CPU tiers: run vLLM's engine-core process on the cores its worker is bound to (serving/affinity.py).
+    colocate_engine_core: bool = True
 
 
 class Replicas(Strict):

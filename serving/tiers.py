@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from serving.affinity import colocate_engine_cores
 from serving.config import Tier
 from serving.errors import APIError, from_validation_errors, from_vllm_error
 from serving.telemetry import engine_metrics_text
@@ -113,6 +114,9 @@ class TierServer:
         model_path = resolve(tier.model, Path(cache_dir))
         log.info("tier %s: starting engine for %s", tier_name, model_path)
         self.engine = AsyncLLM.from_engine_args(engine_args(tier, model_path))
+        if tier.resources.gpus == 0 and tier.resources.colocate_engine_core:
+            for pid, cpus in colocate_engine_cores().items():
+                log.info("tier %s: engine core %d runs on its worker's CPUs %s", tier_name, pid, sorted(cpus))
         models = OpenAIServingModels(
             engine_client=self.engine,
             base_model_paths=[BaseModelPath(name=tier.served_name, model_path=str(model_path))],

@@ -195,6 +195,23 @@ def engine_processes(exclude_session: int | None = None) -> list[psutil.Process]
     return found
 
 
+def replica_process(deployment: str) -> psutil.Process:
+    """A deployment's replica: `tier-<name>` or `ingress`."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(f"ServeReplica:tierserve:{deployment}" in part for part in proc.info["cmdline"] or []):
+            return proc
+    raise LookupError(f"no replica process for {deployment}")
+
+
+def engine_core_under(deployment: str) -> psutil.Process:
+    """The replica's vLLM engine core: its child that has children (the workers). Not by the title
+    VLLM::EngineCore, which vLLM's setproctitle call sometimes fails to set inside a Ray replica."""
+    for child in replica_process(deployment).children():
+        if child.children():
+            return child
+    raise LookupError(f"no engine core process under the {deployment} replica")
+
+
 def auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 

@@ -81,6 +81,8 @@ def test_chat_stream_matches_bare_vllm(app_url: str, api_key: str, upstream, cas
         ours = chunks(client, f"{app_url}/v1/chat/completions", {**body, "model": "fast"}, auth(api_key))
         bare = chunks(client, f"{upstream.url}/v1/chat/completions", {**body, "model": UPSTREAM_MODEL}, {})
     assert ours[-1] == "[DONE]" and len(ours) > 3
+    if case == "continuous usage":
+        ours, bare = running_counts_checked(ours, bare)
     # Choices of one response interleave as the engine happens to emit them; each choice's own chunks don't.
     # Serialized, so that key order counts too.
     ours_by, bare_by = by_choice(ours), by_choice(bare)
@@ -99,3 +101,27 @@ def by_choice(events: list[Any]) -> dict[Any, list[Any]]:
         if not group or group[-1] != event:
             group.append(event)
     return groups
+
+
+def running_counts_checked(ours: list[Any], bare: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Continuous usage: each content chunk's running token counts. A chunk carries two tokens when its
+    consumer was busy (vLLM merges deltas, bare vLLM too), so a count may skip one; the counts must still rise
+    by the chunk's tokens and end where bare vLLM's end. Returns the events with those running counts as
+    "int", for the shape comparison."""
+
+    def counts(events: list[Any]) -> list[int]:
+        return [e["usage"]["completion_tokens"] for e in events if isinstance(e, dict) and e.get("choices")]
+
+    mine, theirs = counts(ours), counts(bare)
+    assert mine and mine == sorted(set(mine)), mine  # strictly rising
+    assert mine[-1] == theirs[-1], (mine, theirs)
+    assert all(e["usage"]["total_tokens"] - e["usage"]["completion_tokens"] == e["usage"]["prompt_tokens"]
+               for e in ours if isinstance(e, dict) and e.get("usage"))
+
+    def blur(event: Any) -> Any:
+        if not (isinstance(event, dict) and event.get("choices")):
+            return event
+        return {**event, "usage": {k: "int" if k in ("completion_tokens", "total_tokens") else v
+                                   for k, v in event["usage"].items()}}
+
+    return [blur(e) for e in ours], [blur(e) for e in bare]

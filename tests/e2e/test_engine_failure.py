@@ -10,19 +10,12 @@ import signal
 import time
 
 import httpx
-import psutil
 import pytest
 
-from tests.conftest import auth
+from tests.conftest import auth, engine_core_under, replica_process
+from tests.e2e.test_placement import engine_core_follows_its_worker
 
 BODY = {"model": "reasoning", "prompt": "hello", "max_tokens": 4, "min_tokens": 4}
-
-
-def engine_core_under(deployment: str) -> psutil.Process:
-    for child in replica_process(deployment).children(recursive=True):
-        if "EngineCore" in " ".join(child.cmdline()) + child.name():
-            return child
-    raise LookupError(f"no EngineCore process under the {deployment} replica")
 
 
 @pytest.mark.disruptive
@@ -60,17 +53,10 @@ def test_embedded_engine_death_is_a_5xx_then_it_is_replaced_in_place(app_url: st
         # A new engine in the same ingress process: the replica was not replaced, nothing else restarted.
         assert replica_process("ingress").pid == ingress.pid
         assert engine_core_under("ingress").pid != dead.pid
+        engine_core_follows_its_worker("ingress")  # the new engine is placed like the first
         assert http.get("/health/ready").status_code == 200
         for tier in ("coder", "fast"):
             assert http.post("/v1/completions", json={**BODY, "model": tier}).status_code == 200
-
-
-def replica_process(deployment: str) -> psutil.Process:
-    """A deployment's replica: `tier-<name>` or `ingress`."""
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(f"ServeReplica:tierserve:{deployment}" in part for part in proc.info["cmdline"] or []):
-            return proc
-    raise LookupError(f"no replica process for {deployment}")
 
 
 @pytest.mark.disruptive

@@ -56,6 +56,8 @@ def test_profile_overlays_catalog_instead_of_copying(catalog: dict[str, Any]) ->
         (("tiers", "fast", "engine", "gpu_memory_utilization"), 1.5, "tiers.fast.engine.gpu_memory_utilization"),
         (("tiers", "fast", "engine", "quantization"), "magic", "tiers.fast.engine.quantization"),
         (("tiers", "fast", "resources", "cpus"), -1, "tiers.fast.resources.cpus: Input should be greater than 0"),
+        (("tiers", "fast", "resources", "colocate_engine_core"), "sometimes",
+         "tiers.fast.resources.colocate_engine_core: Input should be a valid boolean"),
         (("tiers", "reasoning", "replicas", "min"), 3, "tiers.reasoning.replicas: min (3) must be <= max (1)"),
         (("tiers", "reasoning", "replicas", "max"), "two",
          "tiers.reasoning.replicas.max: Input should be a valid integer"),

