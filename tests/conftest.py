@@ -48,7 +48,8 @@ TEST_OVERLAY = {
     # every test that spans the tiers covers both request paths.
     "ingress": {"embed_tier": "reasoning"},
     "tiers": {
-        "coder": {"resources": {"cpus": 0.25}},
+        # Its engine core on its worker's cores (serving/affinity.py); the others keep vLLM's placement.
+        "coder": {"resources": {"cpus": 0.25, "colocate_engine_core": True}},
         # A price per hour, so a key's budget can run out on a local tier: $1 per request-millisecond.
         "reasoning": {"resources": {"cpus": 0.25}, "cost_per_hour_usd": 3_600_000,
                       "replicas": {"keep_warm_hours": "00:00-00:00", "keep_warm_interval_s": 2}},

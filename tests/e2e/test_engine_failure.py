@@ -53,7 +53,6 @@ def test_embedded_engine_death_is_a_5xx_then_it_is_replaced_in_place(app_url: st
         # A new engine in the same ingress process: the replica was not replaced, nothing else restarted.
         assert replica_process("ingress").pid == ingress.pid
         assert engine_core_under("ingress").pid != dead.pid
-        engine_core_follows_its_worker("ingress")  # the new engine is placed like the first
         assert http.get("/health/ready").status_code == 200
         for tier in ("coder", "fast"):
             assert http.post("/v1/completions", json={**BODY, "model": tier}).status_code == 200
@@ -83,4 +82,5 @@ def test_readiness_fails_when_a_replica_dies_and_recovers(app_url: str, api_key:
         print(f"\n[tierserve] coder replica killed: served by {served_by} while it was replaced")
         assert "peer" in served_by
         assert seen[-1] == (200, "ready"), seen[-5:]
+        engine_core_follows_its_worker("tier-coder")  # the replacement's engine is placed like the first
         assert http.post("/v1/completions", json={**BODY, "model": "coder"}).status_code == 200

