@@ -31,12 +31,12 @@ SYSTEM_TEXT = {
     "bare": "vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`)",
     "tierserve": "`tierserve up` serving the same model directory as tier `bench`, embedded in the ingress "
     "replica (HTTP → ingress replica: auth, routing, metrics, vLLM's serving code → engine core); "
-    "with --no-embed: HTTP → ingress replica → tier replica → engine core; a CPU tier, so its engine core runs "
-    "on its worker's CPUs (serving/affinity.py)",
+    "with --no-embed: HTTP → ingress replica → tier replica → engine core; the tier sets "
+    "`colocate_engine_core`, so its engine core runs on its worker's CPUs (serving/affinity.py)",
     "litellm": "LiteLLM proxy (`litellm --config`, 1 worker) in front of the same bare vLLM",
     "bare-colocated": "the same bare vLLM server with its engine-core process moved onto its worker's CPUs "
-    "after start, as tierserve does for CPU tiers (serving/affinity.py): tierserve against it is the gateway's "
-    "cost alone",
+    "after start, as tierserve does for a CPU tier with `colocate_engine_core` (serving/affinity.py): "
+    "tierserve against it is the gateway's cost alone",
 }
 SYSTEMS = ("bare", "bare-colocated", "tierserve", "litellm")  # report order; these get the ratios
 
