@@ -213,6 +213,22 @@ def engine_core_under(deployment: str) -> psutil.Process:
     raise LookupError(f"no engine core process under the {deployment} replica")
 
 
+def engine_core_placement(deployment: str) -> tuple[set[int], list[set[int]]]:
+    """(the CPUs the replica's engine-core workers are bound to, each engine-core thread's CPUs)."""
+    core = engine_core_under(deployment)
+    workers = core.children()
+    assert workers, f"no worker process under the {deployment} engine core"
+    bound = set().union(*(set(w.cpu_affinity()) for w in workers))
+    return bound, [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{core.pid}/task")]
+
+
+def engine_core_follows_its_worker(deployment: str) -> set[int]:
+    """Asserts every engine-core thread may run exactly where its workers are bound; returns those CPUs."""
+    bound, threads = engine_core_placement(deployment)
+    assert threads and all(t == bound for t in threads), (deployment, bound, threads)
+    return bound
+
+
 def auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 

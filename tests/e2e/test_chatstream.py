@@ -105,9 +105,9 @@ def by_choice(events: list[Any]) -> dict[Any, list[Any]]:
 
 def running_counts_checked(ours: list[Any], bare: list[Any]) -> tuple[list[Any], list[Any]]:
     """Continuous usage: each content chunk's running token counts. A chunk carries two tokens when its
-    consumer was busy (vLLM merges deltas, bare vLLM too), so a count may skip one; the counts must still rise
-    by the chunk's tokens and end where bare vLLM's end. Returns the events with those running counts as
-    "int", for the shape comparison."""
+    consumer was busy (vLLM merges deltas, bare vLLM too), so a count may skip one; the counts must still
+    strictly rise and end where bare vLLM's end, and each total must be prompt plus completion. Returns the
+    events with those running counts as "int", for the shape comparison."""
 
     def counts(events: list[Any]) -> list[int]:
         return [e["usage"]["completion_tokens"] for e in events if isinstance(e, dict) and e.get("choices")]

@@ -12,8 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import auth, engine_core_under, replica_process
-from tests.e2e.test_placement import engine_core_follows_its_worker
+from tests.conftest import auth, engine_core_follows_its_worker, engine_core_under, replica_process
 
 BODY = {"model": "reasoning", "prompt": "hello", "max_tokens": 4, "min_tokens": 4}
 
