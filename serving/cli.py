@@ -242,6 +242,26 @@ def wait_port_free(host: str, port: int, timeout_s: float = PORT_WAIT_S, poll_s:
     return True
 
 
+def ray_defaults(env: dict[str, str]) -> dict[str, str]:
+    """Ray and Serve settings for `serve run`, each only where the operator hasn't set it."""
+    if not env.get("RAY_ADDRESS"):
+        # `serve run` starts a one-node Ray here: with Ray's "no cluster" mode its node address is loopback, so
+        # GCS, raylet, object manager, dashboard and metrics agent listen on 127.0.0.1 only. (A cluster's nodes
+        # are started by `ray start --node-ip-address` on the private network instead; see deployments/.)
+        env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray Serve's throughput profile: user code and the handle router on the replica's own event loop (no
+    # thread hop per streamed chunk), gRPC between deployments, direct ingress, GC frozen after start.
+    # Measured (benchmarks/results/2026-11-23-vm-2cpu-gateway.md): tierserve/bare streaming 0.55 -> 0.67 at
+    # 1 stream, 0.34 -> 0.40 at 64, unchanged at 16 (means of two runs each).
+    env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # Serve's controller reconciles every 0.1 s by default: 3.4 % of a core here while idle, on the core the
+    # HTTP path needs (1.2 % at 0.5 s; benchmarks/results/2026-11-30-vm-2cpu-ingress-profile.md). A replica's
+    # death or start is then seen up to 0.4 s later; the router re-reads replica counts as soon as a tier call
+    # or a readiness probe fails (serving/fleet.py, serving/health.py), so requests don't wait on a dead one.
+    env.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+    return env
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Prepare the weights, then `serve run` the deployment; stop it with SIGINT, Ray's clean path."""
     from serving.auth import auth_disabled_warning
@@ -264,16 +284,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     serve = Path(sys.executable).with_name("serve")
-    if not env.get("RAY_ADDRESS"):
-        # `serve run` starts a one-node Ray here: with Ray's "no cluster" mode its node address is loopback, so
-        # GCS, raylet, object manager, dashboard and metrics agent listen on 127.0.0.1 only. (A cluster's nodes
-        # are started by `ray start --node-ip-address` on the private network instead; see deployments/.)
-        env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # Ray Serve's throughput profile: user code and the handle router on the replica's own event loop (no
-    # thread hop per streamed chunk), gRPC between deployments, direct ingress, GC frozen after start.
-    # Measured (benchmarks/results/2026-11-23-vm-2cpu-gateway.md): tierserve/bare streaming 0.55 -> 0.67 at
-    # 1 stream, 0.34 -> 0.40 at 64, unchanged at 16 (means of two runs each).
-    env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    ray_defaults(env)
     # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: give the child
     # the default back, or the SIGINT we forward to stop it cleanly would be lost.
     proc = subprocess.Popen(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import Any
 
 from prometheus_client.core import Metric
@@ -16,15 +17,14 @@ from prometheus_client.core import Metric
 from serving.config import AppConfig
 from serving.gpu import GpuSnapshot
 from serving.router import ProviderState, TierState
-from serving.telemetry import RequestMetrics, estimate_wait_s, relabel, waiting_requests
+from serving.telemetry import RequestMetrics, estimate_wait_s, relabel, waiting_in
 from serving.tiers import LocalTier
 
 log = logging.getLogger(__name__)
 FANOUT_TIMEOUT_S = 5.0
 STATE_TTL_S = 1.0  # provider states, and replica counts while replicas change, are at most this old
-# Replica counts when every replica is RUNNING. serve.status() is the ingress's costliest background call (the
-# controller's answer is cloudpickled, ~29% of the ingress's busy samples when polled every second under
-# load); steady state needs it rarely, and a failed tier call or a changing replica set polls every second.
+# Replica counts when every replica is RUNNING: steady state needs them rarely, and a failed tier call or a
+# changing replica set polls every second.
 STABLE_REPLICAS_TTL_S = 10.0
 ENGINE_STATS_EVERY = 5  # refreshes between reads of the engines' waiting counts
 
@@ -44,7 +44,7 @@ class Fleet:
         self.providers: dict[str, ProviderState] = {}
         self.fallback: Any = None
         self.refreshing: asyncio.Task[None] | None = None
-        self.settled = False  # every tier's replicas RUNNING at the last serve.status()
+        self.settled = False  # every tier's replicas RUNNING at the last read
         self.replicas_read_at = -float("inf")  # loop time of that read
 
     def tier_states(self, metrics: RequestMetrics) -> dict[str, TierState]:
@@ -67,8 +67,8 @@ class Fleet:
 
     def start_refresher(self, fallback: Any, metrics: RequestMetrics) -> None:
         """Keep the router's view (replica counts, provider states) at most STATE_TTL_S old, whatever the
-        traffic: a replica that died is out of the candidates within a second. vLLM's waiting counts,
-        costlier to read, every ENGINE_STATS_EVERY refreshes."""
+        traffic: a replica that died is out of the candidates within a second. vLLM's waiting counts, a call
+        per tier, every ENGINE_STATS_EVERY refreshes."""
         self.fallback = fallback
         if self.refreshing is None:
             self.refreshing = asyncio.get_running_loop().create_task(self._refresh_loop(metrics))
@@ -79,7 +79,7 @@ class Fleet:
             await self.refresh_states()
             if rounds % ENGINE_STATS_EVERY == 0:
                 try:
-                    await self.refresh_engine_metrics(metrics)
+                    await self.refresh_waiting(metrics)
                 except Exception as exc:  # a tier mid-restart: keep the last counts, try again later
                     log.debug("engine stats unavailable: %s", exc)
             rounds += 1
@@ -109,8 +109,8 @@ class Fleet:
         states: dict[str, dict[str, int]] = {}
         try:
             if remote:
-                deployments = (await self._serve_status()).applications[self.app_name].deployments
-                states = {name: deployments[f"tier-{name}"].replica_states for name in remote}
+                deployments = await self._replica_states()
+                states = {name: deployments[f"tier-{name}"] for name in remote}
         except Exception as exc:  # the controller is busy or restarting: keep the last known counts
             log.debug("replica counts unavailable: %s", exc)
             self.replicas.update(local)
@@ -120,17 +120,17 @@ class Fleet:
         self.settled = all(state == "RUNNING" or not n for s in states.values() for state, n in s.items())
         self.replicas_read_at = asyncio.get_running_loop().time()
 
-    @staticmethod
-    async def _serve_status() -> Any:
-        """The Serve controller's status, bounded: a controller that never answers must not stall the
-        refresher or a health check (the thread is left behind)."""
-        from ray import serve
-
-        return await asyncio.wait_for(asyncio.to_thread(serve.status), FANOUT_TIMEOUT_S)
+    async def _replica_states(self) -> dict[str, dict[str, int]]:
+        """The controller's replica states of this app, bounded: a controller that never answers must not stall
+        the refresher or a health check (the thread is left behind)."""
+        return await asyncio.wait_for(asyncio.to_thread(controller_replica_states, self.app_name), FANOUT_TIMEOUT_S)
 
     async def recount(self, tier: str) -> int | None:
-        """Replica counts read from the controller now (the router's view included)."""
+        """Replica counts read from the controller now (the router's view included), and again every refresh
+        until they settle: called when a probe finds a tier changed (failing, or a replica not yet counted),
+        which the controller may not have seen yet."""
         await self.refresh_replicas()
+        self.settled = False
         return self.replicas.get(tier)
 
     def scales_to_zero(self, tier: str) -> bool:
@@ -144,8 +144,7 @@ class Fleet:
         if tier in self.replicas:
             return self.replicas[tier]
         try:
-            status = await self._serve_status()
-            states = status.applications[self.app_name].deployments[f"tier-{tier}"].replica_states
+            states = (await self._replica_states())[f"tier-{tier}"]
         except Exception:
             return None
         return int(states.get("RUNNING", 0))
@@ -162,13 +161,23 @@ class Fleet:
         results = await asyncio.gather(*calls, return_exceptions=True)
         return {t: r for t, r in zip(tiers, results, strict=True) if not isinstance(r, BaseException)}
 
+    async def refresh_waiting(self, metrics: RequestMetrics) -> None:
+        """vLLM's queue per tier, for the router: one gauge read per replica."""
+        for tier, waiting in (await self.fanout("waiting")).items():
+            self._set_waiting(tier, waiting, metrics)
+
     async def refresh_engine_metrics(self, metrics: RequestMetrics) -> None:
+        """All of vLLM's metrics per tier, relabelled (at scrape time: writing and parsing the text costs)."""
         families: list[Metric] = []
         for tier, (replica, text) in (await self.fanout("engine_metrics")).items():
-            self.waiting[tier] = int(waiting_requests(text))
-            metrics.queue_depth.labels(tier).set(self.waiting[tier])
-            families.extend(relabel(text, {"tier": tier, "replica": replica}))
+            mine = list(relabel(text, {"tier": tier, "replica": replica}))
+            self._set_waiting(tier, waiting_in(mine), metrics)
+            families.extend(mine)
         self.engine_families = families
+
+    def _set_waiting(self, tier: str, waiting: int, metrics: RequestMetrics) -> None:
+        self.waiting[tier] = waiting
+        metrics.queue_depth.labels(tier).set(waiting)
 
     async def refresh_gpus(self) -> list[GpuSnapshot]:
         """One snapshot per node; the processes of tiers sharing a node are merged into it."""
@@ -178,6 +187,22 @@ class Fleet:
             by_node[snap.node] = by_node[snap.node].merge(snap) if snap.node in by_node else snap
         self.gpu_snapshots = list(by_node.values())
         return self.gpu_snapshots
+
+
+def controller_replica_states(app_name: str) -> dict[str, dict[str, int]]:
+    """{deployment: {replica state: count}} of one application, from the Serve controller's details as plain
+    data: what serve.status() reports, without rebuilding Serve's pydantic schema on the caller's side, whose
+    RequestRouterConfig cloudpickles the router class on every call, walking all of sys.modules for each
+    function it pickles. With vLLM imported (an embedded tier) that was 8.5 % of the ingress's CPU under load,
+    polled every 10 s (yappi, benchmarks/results/2026-11-30-vm-2cpu-ingress-profile.md). Raises KeyError
+    when the application is not (or no longer) deployed."""
+    from ray.serve.context import _get_global_client  # serve.status()'s own way to the controller
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        raise KeyError(app_name)
+    deployments = client.get_serve_details().get("applications", {})[app_name].get("deployments", {})
+    return {name: dict(Counter(r["state"] for r in d.get("replicas", []))) for name, d in deployments.items()}
 
 
 class ListCollector:

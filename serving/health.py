@@ -76,11 +76,14 @@ class ReadinessProber:
         start = self.clock()
         try:
             await asyncio.wait_for(self.probe(tier), self.timeout_s)
-        except TimeoutError:
-            error = f"probe timed out after {self.timeout_s:g}s"
-            return TierHealth("failing", self.clock(), error=error, replicas=running)
         except Exception as exc:
-            return TierHealth("failing", self.clock(), error=f"{type(exc).__name__}: {exc}"[:300], replicas=running)
+            error = f"probe timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError) else \
+                f"{type(exc).__name__}: {exc}"[:300]
+            if self.recount is not None:
+                # The replica may be dead: re-read the counts now, not at the router's next scheduled read,
+                # so this tier's requests stop going where Ray's handle would hold them for a replacement.
+                running = await self.recount(tier)
+            return TierHealth("failing", self.clock(), error=error, replicas=running)
         latency = self.clock() - start
         if running == 0 and self.recount is not None:
             # It generated, yet the router's view (refreshed every second while replicas change) has no running

@@ -19,6 +19,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
 # vLLM's engine metrics worth re-exporting per tier (queue, running, KV cache, its own token counters).
 ENGINE_METRIC_PREFIX = "vllm:"
+WAITING_METRIC = "vllm:num_requests_waiting"
 DURATION_EWMA_ALPHA = 0.1
 
 
@@ -147,10 +148,13 @@ def estimate_wait_s(ongoing: int, replicas: int | None, batch: int, mean_duratio
     return (ongoing - capacity + 1) / capacity * mean_duration_s
 
 
-def waiting_requests(text: str) -> float:
-    """vLLM's queue of one replica: the sum of `vllm:num_requests_waiting` samples."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "vllm:num_requests_waiting":
-            total += sum(s.value for s in family.samples)
-    return total
+def engine_waiting(registry: CollectorRegistry) -> int:
+    """vLLM's queue in this process: the sum of its `vllm:num_requests_waiting` gauge, read from that one
+    collector (no exposition text to write and parse back, as for the full engine metrics)."""
+    return int(sum(s.value for family in registry.restricted_registry([WAITING_METRIC]).collect()
+                   for s in family.samples if s.name == WAITING_METRIC))
+
+
+def waiting_in(families: Iterable[Metric]) -> int:
+    """The same sum from metric families already parsed (a replica's relabelled engine metrics)."""
+    return int(sum(s.value for family in families if family.name == WAITING_METRIC for s in family.samples))

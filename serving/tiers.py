@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from serving.affinity import colocate_engine_cores
 from serving.config import Tier
 from serving.errors import APIError, from_validation_errors, from_vllm_error
-from serving.telemetry import engine_metrics_text
+from serving.telemetry import engine_metrics_text, engine_waiting
 from serving.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,12 @@ class TierServer:
 
         return self.replica_id, engine_metrics_text(REGISTRY)
 
+    def waiting(self) -> int:
+        """Requests queued in this replica's engine (what the router reads every few seconds)."""
+        from prometheus_client import REGISTRY
+
+        return engine_waiting(REGISTRY)
+
     def gpu_snapshot(self) -> dict[str, Any]:
         """This node's GPUs, with the memory held by this replica's engine processes labelled as the tier."""
         if self.gpus is None:
@@ -368,7 +374,7 @@ class LocalTier:
         return _LocalMethod(getattr(self.server, name))
 
 
-TIER_METHODS = frozenset({"complete", "stream", "probe", "engine_metrics", "gpu_snapshot"})
+TIER_METHODS = frozenset({"complete", "stream", "probe", "engine_metrics", "waiting", "gpu_snapshot"})
 
 
 class _LocalMethod:

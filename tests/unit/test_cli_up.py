@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.cli import direct_ingress, main, port_free, wait_port_free
+from serving.cli import direct_ingress, main, port_free, ray_defaults, wait_port_free
 from serving.config import load_config
 
 LOCAL = load_config(Path(__file__).resolve().parents[2] / "models.yaml", "local")
@@ -26,6 +26,15 @@ def test_one_node_one_ingress_replica_gets_the_public_port() -> None:
     assert proxy != 8123
     with socket.socket() as s:  # the proxy's port was free on the bind address
         s.bind(("127.0.0.1", proxy))
+
+
+def test_ray_defaults_fill_only_what_the_operator_left_unset() -> None:
+    env = ray_defaults({})
+    assert env == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                   "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+    mine = ray_defaults({"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_ADDRESS": "10.0.0.1:6379"})
+    assert mine["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"  # the operator's value stays
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in mine  # a cluster's nodes are started elsewhere
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -14,24 +12,24 @@ from serving.fleet import STABLE_REPLICAS_TTL_S, Fleet
 TINY = {"tiny_seed": 1}
 
 
-def status_with(states: dict[str, dict[str, int]]) -> Any:
-    deployments = {f"tier-{t}": SimpleNamespace(replica_states=s) for t, s in states.items()}
-    return SimpleNamespace(applications={"app": SimpleNamespace(deployments=deployments)})
+def status_with(states: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {f"tier-{t}": s for t, s in states.items()}
 
 
 def test_replica_counts_are_read_rarely_when_settled_and_at_once_when_changing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray import serve
+    from serving import fleet as fleet_module
 
     config = build_config({"tiers": {"fast": {"served_name": "f", "model": TINY}}}, None)
     fleet = Fleet(config, {}, "app")
     current = {"fast": {"RUNNING": 1}}
     calls: list[int] = []
 
-    def status() -> Any:
+    def status(app: str) -> dict[str, dict[str, int]]:
+        assert app == "app"
         calls.append(1)
         return status_with(current)
 
-    monkeypatch.setattr(serve, "status", status)
+    monkeypatch.setattr(fleet_module, "controller_replica_states", status)
     clock = {"now": 1000.0}
 
     async def run() -> None:
@@ -70,8 +68,7 @@ class EmbeddedEngine:
 
 
 def test_embedded_tier_is_counted_in_process_and_never_asked_of_the_controller(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray import serve
-
+    from serving import fleet as fleet_module
     from serving.tiers import LocalTier
 
     config = build_config({"ingress": {"embed_tier": "fast"}, "tiers": {
@@ -80,11 +77,11 @@ def test_embedded_tier_is_counted_in_process_and_never_asked_of_the_controller(m
     fleet = Fleet(config, {"fast": embedded}, "app")
     calls: list[int] = []
 
-    def status() -> Any:  # the controller knows only the deployments: coder's
+    def status(app: str) -> dict[str, dict[str, int]]:  # the controller knows only the deployments: coder's
         calls.append(1)
         return status_with({"coder": {"RUNNING": 1}})
 
-    monkeypatch.setattr(serve, "status", status)
+    monkeypatch.setattr(fleet_module, "controller_replica_states", status)
 
     async def run() -> None:
         await fleet.refresh_states()

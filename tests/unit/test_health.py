@@ -51,11 +51,14 @@ def test_generating_but_not_running_for_the_controller_is_not_ready() -> None:
     assert result["state"] == "failing" and "no RUNNING replica" in result["error"]
 
 
-@pytest.mark.parametrize("count", [0, None])
-def test_probe_failure_is_failing(count: int | None) -> None:
-    p, calls = prober(counts=[count], recounts=[], fails=RuntimeError("engine dead"))
+@pytest.mark.parametrize("count", [1, 0, None])
+def test_probe_failure_is_failing_and_recounts_the_replicas(count: int | None) -> None:
+    # The router still counts the dead replica: a failed probe re-reads the counts, so requests stop going
+    # there (to wait in Ray's handle for a replacement) before the next scheduled read.
+    p, calls = prober(counts=[count], recounts=[0], fails=RuntimeError("engine dead"))
     result = check(p)
-    assert result["state"] == "failing" and "engine dead" in result["error"] and "recount" not in calls
+    assert result["state"] == "failing" and "engine dead" in result["error"]
+    assert calls == ["count", "probe", "recount"] and result["replicas"] == 0
 
 
 def test_scaled_to_zero_tier_is_cold_without_a_probe() -> None:

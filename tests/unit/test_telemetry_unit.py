@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from serving.telemetry import LOCAL, RequestMetrics, estimate_wait_s
+from serving.telemetry import (
+    LOCAL,
+    RequestMetrics,
+    engine_metrics_text,
+    engine_waiting,
+    estimate_wait_s,
+    relabel,
+    waiting_in,
+)
 
 
 def test_wait_estimate_counts_requests_beyond_the_batch_capacity() -> None:
@@ -35,3 +43,21 @@ def test_records_keep_in_flight_and_a_duration_average_of_local_successes() -> N
     assert metrics.mean_duration_s["fast"] < 2.5
     assert metrics.registry.get_sample_value(
         "tierserve_requests_total", {"tier": "fast", "provider": LOCAL, "endpoint": "chat", "status": "200"}) == 1
+
+
+def test_engine_queue_is_read_from_the_gauge_alone_and_agrees_with_the_scraped_text() -> None:
+    registry = CollectorRegistry()
+    waiting = Gauge("vllm:num_requests_waiting", "queued", ["model_name", "engine"], registry=registry)
+    Gauge("vllm:num_requests_running", "running", ["model_name", "engine"], registry=registry).labels("m", "0").set(7)
+    Histogram("vllm:e2e_request_latency_seconds", "latency", ["model_name"], registry=registry).labels("m").observe(1)
+    Gauge("tierserve_other", "not the engine's", registry=registry).set(99)
+    assert engine_waiting(registry) == 0  # no engine label set yet
+    waiting.labels("m", "0").set(3)
+    waiting.labels("m", "1").set(2)  # a second engine (data parallel) adds to the queue
+    assert engine_waiting(registry) == 5
+    families = list(relabel(engine_metrics_text(registry), {"tier": "fast", "replica": "r1"}))
+    assert waiting_in(families) == 5
+    names = {f.name for f in families}
+    assert {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:e2e_request_latency_seconds"} <= names
+    assert all(n.startswith("vllm:") for n in names)  # the gateway's own metrics are not the engine's
+    assert all(s.labels["tier"] == "fast" and s.labels["replica"] == "r1" for f in families for s in f.samples)
