@@ -43,6 +43,50 @@ GROUPS = [
 ]
 
 
+# Processes whose children include a vLLM engine core: Serve replicas (a tier, or the ingress embedding one) and
+# vLLM's own API server.
+ENGINE_PARENTS = ("ServeReplica", "vllm.entrypoints.openai.api_server")
+
+
+def engine_role(proc: psutil.Process) -> str | None:
+    """"engine core", "engine worker" or None, by vLLM's titles or else by process shape. vLLM's setproctitle
+    sometimes does not take inside a Ray replica, and the engine's processes then carry their replica's title:
+    an engine core is a child of a Serve replica or of vLLM's API server that has children of its own (its
+    workers); a worker is a child of an engine core (serving/affinity.py places them by the same shape)."""
+    titled = _titled_role(proc)
+    if titled is not None:
+        return titled
+    parent = proc.parent()
+    if parent is None:
+        return None
+    if _is_engine_core(parent):
+        return "engine worker"
+    if any(m in _title(parent) for m in ENGINE_PARENTS) and proc.children():
+        return "engine core"
+    return None
+
+
+def _is_engine_core(proc: psutil.Process) -> bool:
+    titled = _titled_role(proc)
+    if titled is not None:
+        return titled == "engine core"
+    parent = proc.parent()
+    return parent is not None and any(m in _title(parent) for m in ENGINE_PARENTS) and bool(proc.children())
+
+
+def _titled_role(proc: psutil.Process) -> str | None:
+    text = _title(proc)
+    if "EngineCore" in text:
+        return "engine core"
+    if "VLLM::" in text:
+        return "engine worker"
+    return None
+
+
+def _title(proc: psutil.Process) -> str:
+    return " ".join(proc.cmdline()) + " " + proc.name()
+
+
 def cpu_by_process() -> dict[int, tuple[str, float]]:
     out: dict[int, tuple[str, float]] = {}
     for proc in psutil.process_iter(["pid", "cmdline", "name"]):
@@ -51,6 +95,8 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
         if group is None or "benchmarks.cpucost" in cmd:
             continue
         try:
+            # An engine that lost vLLM's title carries its replica's: found by shape, not counted as the replica.
+            group = engine_role(proc) or group
             times = proc.cpu_times()
         except psutil.Error:
             continue

@@ -28,7 +28,7 @@ import httpx
 import psutil
 import yaml
 
-from benchmarks.cpucost import spent_by_group
+from benchmarks.cpucost import engine_role, spent_by_group
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -102,7 +102,7 @@ class Server:
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 times = p.cpu_times()
-                part = "engine" if is_engine(" ".join(p.cmdline()) + " " + p.name()) else "gateway"
+                part = "engine" if engine_role(p) else "gateway"
                 out[p.pid] = (part, times.user + times.system)
         return out
 

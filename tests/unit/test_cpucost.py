@@ -6,6 +6,8 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from benchmarks.cpucost import cpu_by_process, idle, spent_by_group
 
@@ -48,3 +50,46 @@ def test_cli_idle_prints_one_json_line() -> None:
     line = json.loads(out.stdout)
     assert line["label"] == "quiet" and line["idle_s"] == 0.2
     assert isinstance(line["cpu_percent_of_core"], dict)
+
+
+# A server that forks an engine core, which forks a worker; the forks keep the server's command line, as
+# vLLM's engine processes do inside a Ray replica when its setproctitle did not take.
+FORKING = """
+import os, sys, time
+if os.fork() == 0:
+    if os.fork() == 0:
+        time.sleep(30)
+        os._exit(0)
+    time.sleep(30)
+    os._exit(0)
+time.sleep(30)
+"""
+
+
+def test_untitled_engine_processes_are_found_by_shape_not_counted_as_their_server() -> None:
+    import psutil
+
+    from benchmarks.servers import Server
+
+    for marker, server_group in [("ray::ServeReplica:tierserve:ingress", "ingress replica"),
+                                 ("vllm.entrypoints.openai.api_server", "vllm api server")]:
+        server = subprocess.Popen([sys.executable, "-c", FORKING, marker])
+        try:
+            root = psutil.Process(server.pid)
+            deadline = time.monotonic() + 10
+            while len(root.children(recursive=True)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (core,) = root.children()
+            (worker,) = core.children()
+            groups = cpu_by_process()
+            assert groups[server.pid][0] == server_group
+            assert groups[core.pid][0] == "engine core" and groups[worker.pid][0] == "engine worker"
+            # The benchmark's idle split (gateway vs engine) uses the same shape.
+            tree = Server("x", [], 0, "m", Path("/dev/null"), {}, proc=server).tree_cpu()
+            assert tree[server.pid][0] == "gateway"
+            assert tree[core.pid][0] == tree[worker.pid][0] == "engine"
+        finally:
+            for p in psutil.Process(server.pid).children(recursive=True):
+                p.kill()
+            server.kill()
+            server.wait()
