@@ -53,29 +53,25 @@ def engine_role(proc: psutil.Process) -> str | None:
     sometimes does not take inside a Ray replica, and the engine's processes then carry their replica's title:
     an engine core is a child of a Serve replica or of vLLM's API server that has children of its own (its
     workers); a worker is a child of an engine core (serving/affinity.py places them by the same shape)."""
-    titled = _titled_role(proc)
+    titled = titled_role(_title(proc))
     if titled is not None:
         return titled
     parent = proc.parent()
-    if parent is None:
-        return None
-    if _is_engine_core(parent):
+    if parent is not None and _is_engine_core(parent):
         return "engine worker"
-    if any(m in _title(parent) for m in ENGINE_PARENTS) and proc.children():
-        return "engine core"
-    return None
+    return "engine core" if _is_engine_core(proc) else None
 
 
 def _is_engine_core(proc: psutil.Process) -> bool:
-    titled = _titled_role(proc)
+    titled = titled_role(_title(proc))
     if titled is not None:
         return titled == "engine core"
     parent = proc.parent()
     return parent is not None and any(m in _title(parent) for m in ENGINE_PARENTS) and bool(proc.children())
 
 
-def _titled_role(proc: psutil.Process) -> str | None:
-    text = _title(proc)
+def titled_role(text: str) -> str | None:
+    """The role vLLM's process title (in a command line or name) gives, if it took."""
     if "EngineCore" in text:
         return "engine core"
     if "VLLM::" in text:

@@ -28,7 +28,7 @@ import httpx
 import psutil
 import yaml
 
-from benchmarks.cpucost import engine_role, spent_by_group
+from benchmarks.cpucost import engine_role, spent_by_group, titled_role
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -395,7 +395,7 @@ def engine_pids() -> set[int]:
 
 def is_engine(text: str) -> bool:
     """A vLLM engine process (EngineCore, its workers), by command line or name."""
-    return "VLLM::" in text or "EngineCore" in text
+    return titled_role(text) is not None
 
 
 def idle_cpu(

@@ -151,10 +151,9 @@ def estimate_wait_s(ongoing: int, replicas: int | None, batch: int, mean_duratio
 def engine_waiting(registry: CollectorRegistry) -> int:
     """vLLM's queue in this process: the sum of its `vllm:num_requests_waiting` gauge, read from that one
     collector (no exposition text to write and parse back, as for the full engine metrics)."""
-    return int(sum(s.value for family in registry.restricted_registry([WAITING_METRIC]).collect()
-                   for s in family.samples if s.name == WAITING_METRIC))
+    return waiting_in(registry.restricted_registry([WAITING_METRIC]).collect())
 
 
 def waiting_in(families: Iterable[Metric]) -> int:
-    """The same sum from metric families already parsed (a replica's relabelled engine metrics)."""
+    """The same sum from metric families (that collector's, or a replica's relabelled engine metrics)."""
     return int(sum(s.value for family in families if family.name == WAITING_METRIC for s in family.samples))
