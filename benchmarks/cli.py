@@ -298,8 +298,8 @@ def run(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model_dir).resolve() if args.model_dir else None
     if model_dir is None and not targets:
+        from serving.backends.tinymodel import cached_tiny_model
         from serving.config import Settings
-        from serving.tinymodel import cached_tiny_model
 
         # The very directory the local profile's tier with this seed serves (`fast`: seed 3).
         model_dir = Path(cached_tiny_model(Settings().cache_dir, args.tiny_seed)).resolve()

@@ -229,7 +229,7 @@ def bare_vllm(
 def colocate(server: Server) -> dict[int, set[int]]:
     """Place a bare vLLM's engine core the way tierserve places a CPU tier's (serving/affinity.py), so that
     tierserve against this server measures the gateway alone, without the placement's gain."""
-    from serving.affinity import colocate_engine_cores
+    from serving.backends.affinity import colocate_engine_cores
 
     assert server.proc is not None
     moved = colocate_engine_cores(psutil.Process(server.proc.pid))

@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
+from serving.api.ingress import Ingress, api
+from serving.backends.fallback import FallbackServer
+from serving.backends.tier import TierServer
 from serving.config import AppConfig, AuthSettings, Resources, Settings, Tier, load_config
-from serving.fallback import FallbackServer
-from serving.ingress import Ingress, api
-from serving.tiers import TierServer
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from serving.config import AppConfig, AuthConfig, AuthSettings, ConfigError, Settings, load_config, validate_file
 
 if TYPE_CHECKING:
-    from serving.auth import KeyStore
+    from serving.security.keys import KeyStore
 
 DEFAULT_DEPLOYMENT = "deployments/local.yaml"
 
@@ -38,7 +38,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from serving.tinymodel import make_tiny_model
+    from serving.backends.tinymodel import make_tiny_model
 
     path = make_tiny_model(args.dir, args.seed, force=args.force)
     print(path)
@@ -48,7 +48,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def fetch_models(args: argparse.Namespace) -> AppConfig | None:
     """Load the profile and prepare every tier's weights, printing where each is; None (after printing why) when
     the config or a download fails."""
-    from serving.weights import WeightsError, prefetch
+    from serving.backends.weights import WeightsError, prefetch
 
     try:
         config = load_config(args.config, args.profile)
@@ -67,7 +67,7 @@ def cmd_fetch_models(args: argparse.Namespace) -> int:
 
 def cmd_gpus(args: argparse.Namespace) -> int:
     """GPU readings as a table: every node of a running appliance (--url), or this machine's."""
-    from serving.gpu import GpuCollector, gpus_command
+    from serving.ops.gpu import GpuCollector, gpus_command
 
     if args.url:
         import httpx
@@ -88,7 +88,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 def _keys_context(args: argparse.Namespace) -> tuple[KeyStore, AppConfig | None]:
     """The key store the server would use (--keys-file, TIERSERVE_KEYS_FILE, auth.keys_file, <state_dir>/keys.json)
     and the config, when it loads, to check tier names against."""
-    from serving.auth import KeyStore, keys_file_path
+    from serving.security.keys import KeyStore, keys_file_path
 
     config = None
     if Path(args.config).exists():
@@ -111,7 +111,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     import json
     from datetime import UTC, datetime
 
-    from serving.auth import KeyStoreError
+    from serving.security.keys import KeyStoreError
 
     store, config = _keys_context(args)
     try:
@@ -140,12 +140,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             out = record.public()
             usage_path = Path(args.usage_db) if args.usage_db else None
             if usage_path is None:
-                from serving.auth import usage_db_path
+                from serving.security.keys import usage_db_path
 
                 usage_path = usage_db_path(config.auth if config else AuthConfig(), Path(args.state_dir))
             if usage_path.exists():
-                from serving.auth import Limiter
-                from serving.budget import Budget
+                from serving.security.quotas import Limiter
+                from serving.spend.ledger import Budget
 
                 ledger = Budget(usage_path)
                 try:
@@ -264,7 +264,7 @@ def ray_defaults(env: dict[str, str]) -> dict[str, str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Prepare the weights, then `serve run` the deployment; stop it with SIGINT, Ray's clean path."""
-    from serving.auth import auth_disabled_warning
+    from serving.security.redaction import auth_disabled_warning
 
     config = fetch_models(args)
     if config is None:

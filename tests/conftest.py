@@ -101,7 +101,7 @@ class Upstream:
     """Bare vLLM's own OpenAI server on the tiny model: the fallback providers' real upstream."""
 
     def __init__(self, log_path: Path) -> None:
-        from serving.tinymodel import cached_tiny_model
+        from serving.backends.tinymodel import cached_tiny_model
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from serving.providers import Completed
+from serving.backends.providers import Completed
 from tests.support.faultproxy import FaultProxy
 from tests.unit.test_providers import Harness, data_events, run
 

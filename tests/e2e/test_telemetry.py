@@ -11,8 +11,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.dashboard import missing_metrics
 from tests.conftest import auth
+from tests.support.promql import missing_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "count the tokens"}]

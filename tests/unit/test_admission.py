@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from serving.admission import local_spend, parse_json_object
 from serving.config import Tier
-from serving.errors import APIError
+from serving.gateway.admission import local_spend, parse_json_object
+from serving.wire.errors import APIError
 
 
 def tier(**over: object) -> Tier:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from serving.affinity import colocate_engine_cores
+from serving.backends.affinity import colocate_engine_cores
 
 ALL = os.sched_getaffinity(0)
 pytestmark = pytest.mark.skipif(len(ALL) < 2, reason="needs two CPUs to tell a pinned process from a free one")

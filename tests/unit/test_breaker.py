@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from serving.breaker import Breaker, BreakerRegistry
+from serving.backends.breaker import Breaker, BreakerRegistry
 from serving.config import BreakerConfig
 from tests.support.clock import Clock
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.budget import Budget, period_end
 from serving.config import ModelSource, Provider, Resources, Tier
+from serving.spend.ledger import Budget, period_end
 from tests.support.clock import Clock
 
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from serving.dashboard import (
+from serving.ops.gpu import GpuCollector
+from tests.support.promql import (
     base_metric_name,
     dashboard_base_metric_names,
     dashboard_metric_names,
@@ -19,7 +20,6 @@ from serving.dashboard import (
     missing_metrics,
     promql_metric_names,
 )
-from serving.gpu import GpuCollector
 
 MONITORING = Path(__file__).resolve().parents[2] / "deployments" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"

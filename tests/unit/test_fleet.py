@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from serving.config import build_config
-from serving.fleet import STABLE_REPLICAS_TTL_S, Fleet
+from serving.gateway.fleet import STABLE_REPLICAS_TTL_S, Fleet
 
 TINY = {"tiny_seed": 1}
 
@@ -17,7 +17,7 @@ def status_with(states: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
 
 
 def test_replica_counts_are_read_rarely_when_settled_and_at_once_when_changing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving import fleet as fleet_module
+    from serving.gateway import fleet as fleet_module
 
     config = build_config({"tiers": {"fast": {"served_name": "f", "model": TINY}}}, None)
     fleet = Fleet(config, {}, "app")
@@ -68,8 +68,8 @@ class EmbeddedEngine:
 
 
 def test_embedded_tier_is_counted_in_process_and_never_asked_of_the_controller(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving import fleet as fleet_module
-    from serving.tiers import LocalTier
+    from serving.backends.tier import LocalTier
+    from serving.gateway import fleet as fleet_module
 
     config = build_config({"ingress": {"embed_tier": "fast"}, "tiers": {
         "fast": {"served_name": "f", "model": TINY}, "coder": {"served_name": "c", "model": TINY}}}, None)

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.gpu import (
+from serving.ops.gpu import (
     GpuCollector,
     GpuSnapshot,
     SnapshotCollector,
@@ -182,7 +182,7 @@ def test_without_driver_real_pynvml_reports_unavailable_and_warns_once(
         pytest.skip("NVML works on this machine")
 
     c = GpuCollector(node="cpu-node")  # the real pynvml module, imported lazily
-    with caplog.at_level(logging.WARNING, logger="serving.gpu"):
+    with caplog.at_level(logging.WARNING, logger="serving.ops.gpu"):
         snap = c.snapshot()
         metrics = scrape(c)
         scrape(c)  # repeated scrapes: no more warnings, no exception
@@ -194,14 +194,14 @@ def test_without_driver_real_pynvml_reports_unavailable_and_warns_once(
     # Every family is still declared, empty, so dashboards and the metric-name check see them.
     assert set(metrics) == ALL_FAMILIES
     assert all(not samples for name, samples in metrics.items() if name != "tierserve_gpu_available")
-    warnings = [r for r in caplog.records if r.name == "serving.gpu"]
+    warnings = [r for r in caplog.records if r.name == "serving.ops.gpu"]
     assert len(warnings) == 1 and "tierserve_gpu_available 0" in warnings[0].getMessage()
 
 
 def test_failed_init_is_not_retried_per_scrape(caplog: pytest.LogCaptureFixture) -> None:
     nvml = RecordedNvml([], init_error=NVMLError("Driver Not Loaded"))
     c = collector(nvml)
-    with caplog.at_level(logging.WARNING, logger="serving.gpu"):
+    with caplog.at_level(logging.WARNING, logger="serving.ops.gpu"):
         for _ in range(3):
             assert scrape(c)["tierserve_gpu_available"] == [({"node": "gpu-node-1"}, 0.0)]
     assert nvml.init_calls == 1
@@ -214,7 +214,7 @@ def test_missing_pynvml_package_is_reported_not_raised(
     import sys
 
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
-    with caplog.at_level(logging.WARNING, logger="serving.gpu"):
+    with caplog.at_level(logging.WARNING, logger="serving.ops.gpu"):
         snap = GpuCollector(node="n").snapshot()
     assert not snap.available and snap.error and "nvidia-ml-py" in snap.error
     assert len(caplog.records) == 1
@@ -291,7 +291,7 @@ def test_snapshots_from_several_nodes_in_one_exposition(caplog: pytest.LogCaptur
         raise ConnectionError("node gone")
 
     broken = SnapshotCollector(unreachable)
-    with caplog.at_level(logging.WARNING, logger="serving.gpu"):
+    with caplog.at_level(logging.WARNING, logger="serving.ops.gpu"):
         assert scrape(broken)["tierserve_gpu_available"] == []
         scrape(broken)
     assert len(caplog.records) == 1 and "node gone" in caplog.records[0].getMessage()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serving.health import ReadinessProber
+from serving.gateway.readiness import ReadinessProber
 
 
 def prober(counts: list[int | None], recounts: list[int | None], fails: Exception | None = None,

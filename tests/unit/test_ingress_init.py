@@ -7,8 +7,8 @@ from pathlib import Path
 
 from starlette.requests import Request
 
+from serving.api.ingress import Ingress
 from serving.config import deep_merge, load_config
-from serving.ingress import Ingress
 
 ROOT = Path(__file__).resolve().parents[2]
 

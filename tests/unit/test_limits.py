@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
-from serving import limits as limits_mod
 from serving.config import AppConfig, ConfigError, EngineArgs, LimitsConfig, ModelSource, Tier, build_config
-from serving.errors import APIError
-from serving.limits import (
+from serving.gateway import limits as limits_mod
+from serving.gateway.limits import (
     KNOWN_PARAMS,
     OPENAI_PARAMS,
     PARAMS_SOURCE,
@@ -31,6 +30,7 @@ from serving.limits import (
     tier_max_tokens,
     vllm_params,
 )
+from serving.wire.errors import APIError
 
 CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "fast", "prompt": "hi"}
@@ -185,7 +185,7 @@ def test_source_parse_equals_vllms_live_model_fields() -> None:  # imports vLLM 
         "import json\n"
         "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as C\n"
         "from vllm.entrypoints.openai.completion.protocol import CompletionRequest as P\n"
-        "from serving.limits import _fields_from_live_model as live\n"
+        "from serving.gateway.limits import _fields_from_live_model as live\n"
         "print(json.dumps({e: sorted(live(e)) for e in ('chat', 'completion')}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
@@ -285,7 +285,7 @@ def test_unknown_endpoint() -> None:
 
 
 def test_module_is_cheap_and_never_imports_vllm() -> None:
-    code = ("import sys, serving.limits as m; "
+    code = ("import sys, serving.gateway.limits as m; "
             "print(m.PARAMS_SOURCE['chat'], *(x in sys.modules for x in ('vllm', 'ray')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout.split()

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from serving.breaker import Breaker
-from serving.budget import Budget
+from serving.backends.breaker import Breaker
+from serving.backends.providers import Completed, Outcome, ProviderClient, Streaming, UpstreamError
 from serving.config import Provider
-from serving.providers import Completed, Outcome, ProviderClient, Streaming, UpstreamError
+from serving.spend.ledger import Budget
 from tests.support.faultproxy import FaultProxy
 from tests.support.upstream import StubUpstream
 

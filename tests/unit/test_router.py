@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from serving.config import AppConfig, ConfigError, build_config
-from serving.router import ProviderState, RequestFacts, Router, TierState, facts_from_body, looks_like_code
+from serving.gateway.router import ProviderState, RequestFacts, Router, TierState, facts_from_body, looks_like_code
 
 TINY = {"tiny_seed": 1}
 
@@ -245,7 +245,7 @@ def test_route_is_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_compile(*_: object, **__: object) -> None:
         raise AssertionError("route() compiled a regex")
 
-    monkeypatch.setattr("serving.router.re.compile", no_compile)
+    monkeypatch.setattr("serving.gateway.router.re.compile", no_compile)
     assert router.route(facts, states).name == "fast"
     best = float("inf")
     for _ in range(5):  # the best of 5 batches: the machine is shared, contention only adds

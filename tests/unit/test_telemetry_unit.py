@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from serving.telemetry import (
+from serving.ops.metrics import (
     LOCAL,
     RequestMetrics,
     engine_metrics_text,

@@ -1,11 +1,11 @@
-"""The Ray path's chunk coalescing (serving.tiers._coalesced): order kept, bytes joined, the source closed."""
+"""The Ray path's chunk coalescing (serving.backends.tier._coalesced): order kept, bytes joined, the source closed."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
-from serving.tiers import DONE, Usage, _coalesced
+from serving.backends.tier import DONE, Usage, _coalesced
 
 
 async def _source(items: list[bytes | Usage], closed: list[bool]) -> AsyncIterator[bytes | Usage]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.tinymodel import MARKER, make_tiny_model
+from serving.backends.tinymodel import MARKER, make_tiny_model
 
 
 def digest(directory: Path) -> dict[str, str]:

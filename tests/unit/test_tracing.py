@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.tracing import Tracing
+from serving.ops.tracing import Tracing
 
 
 def test_off_by_default_is_a_no_op() -> None:

@@ -8,7 +8,7 @@ from datetime import datetime, time
 import pytest
 
 from serving.config import Replicas
-from serving.warmup import due, in_window, keep_warm_loop, parse_window
+from serving.gateway.warmup import due, in_window, keep_warm_loop, parse_window
 
 
 def test_window_parsing_and_wrapping() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from serving.backends.weights import WeightsError, resolve
 from serving.config import ModelSource
-from serving.weights import WeightsError, resolve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

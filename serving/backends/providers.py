@@ -30,10 +30,10 @@ from typing import Any, Literal
 import httpx
 import orjson
 
-from serving.breaker import Breaker
-from serving.budget import Budget
+from serving.backends.breaker import Breaker
 from serving.config import Provider
-from serving.errors import APIError
+from serving.spend.ledger import Budget
+from serving.wire.errors import APIError
 
 Endpoint = Literal["chat", "completion"]
 Result = Literal["ok", "failed", "client_error", "cancelled"]

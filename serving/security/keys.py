@@ -27,19 +27,16 @@ import secrets
 import tempfile
 import threading
 import time
-import traceback
-from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.budget import Budget, Kind, period_end
 from serving.config import AppConfig, AuthConfig, AuthSettings
-from serving.errors import APIError
+from serving.spend.ledger import Kind
+from serving.wire.errors import APIError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +113,7 @@ def split_key(token: str) -> tuple[str, str] | None:
     return key_id, secret
 
 
-# -- errors (all OpenAI-shaped via serving.errors.APIError) ------------------------------------------------------
+# -- errors (all OpenAI-shaped via serving.wire.errors.APIError) ------------------------------------------------------
 
 _BEARER = {"www-authenticate": "Bearer"}
 KEY_HELP = "send `Authorization: Bearer ts_<id>_<secret>` (create one with `tierserve keys create`)"
@@ -426,237 +423,3 @@ class KeyStore:
         return changed
 
 
-# -- rate limits, budgets, usage -------------------------------------------------------------------------------
-
-
-@dataclass
-class _Window:
-    requests: deque[float] = field(default_factory=deque)  # admission times
-    tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) of finished requests
-    token_sum: int = 0
-
-
-class Limiter:
-    """Per-key sliding 60 s windows (requests and tokens per minute) and USD budgets, in this process.
-
-    `check` before a request admits and counts it, or raises LimitError (429 + retry-after); `record` after it
-    adds its tokens to the window and its usage/cost to the persisted ledger. Tokens are known only once a
-    request ends, so a key is admitted while its last minute's tokens are under `tpm`: concurrent requests
-    can overshoot the limit by what they are generating. Windows are per ingress process (one by default);
-    spend is shared through the ledger's SQLite file.
-    """
-
-    def __init__(
-        self,
-        clock: Callable[[], float] = time.monotonic,
-        ledger: Budget | None = None,
-        window_s: float = WINDOW_S,
-    ) -> None:
-        self.clock = clock
-        self.ledger = ledger  # None: no budgets and no persisted usage (window counts only)
-        self.window_s = window_s
-        self._windows: dict[str, _Window] = {}
-        self._lock = threading.Lock()
-
-    def _prune(self, w: _Window, now: float) -> None:
-        start = now - self.window_s
-        while w.requests and w.requests[0] <= start:
-            w.requests.popleft()
-        while w.tokens and w.tokens[0][0] <= start:
-            w.token_sum -= w.tokens.popleft()[1]
-
-    def check(self, key: KeyRecord) -> None:
-        """Admit one request of `key` (and count it), or raise LimitError: budget, rpm, then tpm."""
-        self.check_budget(key)
-        now = self.clock()
-        with self._lock:
-            w = self._windows.setdefault(key.id, _Window())
-            self._prune(w, now)
-            if key.rpm is not None and len(w.requests) >= key.rpm:
-                # Free again when the oldest request that keeps us at the limit leaves the window.
-                retry = w.requests[len(w.requests) - key.rpm] + self.window_s - now
-                raise LimitError(
-                    f"agent {key.agent}: rate limit of {key.rpm} requests per minute reached; retry in {retry:.0f}s",
-                    "rate_limit_exceeded", retry,
-                )
-            if key.tpm is not None and w.token_sum >= key.tpm:
-                remaining, retry = w.token_sum, self.window_s
-                for t, n in w.tokens:
-                    remaining -= n
-                    if remaining < key.tpm:
-                        retry = t + self.window_s - now
-                        break
-                raise LimitError(
-                    f"agent {key.agent}: {w.token_sum} tokens in the last minute, limit {key.tpm} tokens per "
-                    f"minute; retry in {retry:.0f}s", "tokens_per_minute_exceeded", retry,
-                )
-            w.requests.append(now)
-
-    def check_budget(self, key: KeyRecord) -> None:
-        if key.budget_usd is None or self.ledger is None:
-            return
-        spent = self.ledger.totals(LEDGER_KIND, key.id, key.budget_period).cost_usd
-        if spent >= key.budget_usd:
-            wall = self.ledger.clock()
-            end = period_end(wall, key.budget_period)
-            label = "daily" if key.budget_period == "day" else "monthly"
-            raise LimitError(
-                f"agent {key.agent}: {label} budget of ${key.budget_usd:.2f} spent (${spent:.4f}); it resets "
-                f"{datetime.fromtimestamp(end, UTC):%Y-%m-%d %H:%M} UTC", "budget_exceeded", end - wall,
-            )
-
-    def record_tokens(self, key: KeyRecord, n: int) -> None:
-        """Add `n` tokens (prompt + completion) to the key's per-minute window."""
-        if n <= 0:
-            return
-        now = self.clock()
-        with self._lock:
-            w = self._windows.setdefault(key.id, _Window())
-            w.tokens.append((now, n))
-            w.token_sum += n
-            self._prune(w, now)
-
-    def record(
-        self, key: KeyRecord, prompt_tokens: int, completion_tokens: int, cost_usd: float = 0.0, *,
-        estimated: bool = False,
-    ) -> None:
-        """One finished request (streamed or not, failed ones with what they used): window + ledger."""
-        self.record_tokens(key, max(0, prompt_tokens) + max(0, completion_tokens))
-        if self.ledger is not None:
-            self.ledger.record(LEDGER_KIND, key.id, prompt_tokens, completion_tokens, estimated=estimated,
-                               cost_usd=cost_usd)
-
-    def window(self, key: KeyRecord) -> dict[str, Any]:
-        now = self.clock()
-        with self._lock:
-            w = self._windows.get(key.id)
-            if w is None:
-                return {"seconds": self.window_s, "requests": 0, "tokens": 0}
-            self._prune(w, now)
-            return {"seconds": self.window_s, "requests": len(w.requests), "tokens": w.token_sum}
-
-    def usage(self, key: KeyRecord) -> dict[str, Any]:
-        """`GET /v1/usage` for this key: limits, the current minute, day and month totals, budget left."""
-        out: dict[str, Any] = {"object": "usage", "key": key.public(), "window": self.window(key)}
-        if self.ledger is None:
-            return out
-        day = self.ledger.totals(LEDGER_KIND, key.id, "day")
-        month = self.ledger.totals(LEDGER_KIND, key.id, "month")
-        out.update(day=day.to_dict(), month=month.to_dict(), budget=None)
-        if key.budget_usd is not None:
-            spent = (day if key.budget_period == "day" else month).cost_usd
-            end = period_end(self.ledger.clock(), key.budget_period)
-            out["budget"] = {
-                "limit_usd": key.budget_usd,
-                "period": key.budget_period,
-                "spent_usd": round(spent, 6),
-                "remaining_usd": round(max(0.0, key.budget_usd - spent), 6),
-                "resets_at": datetime.fromtimestamp(end, UTC).isoformat(),
-            }
-        return out
-
-    def usage_all(self, keys: Sequence[KeyRecord]) -> dict[str, Any]:
-        """The admin view: every key's usage, keyed by id, plus per-agent sums of the month."""
-        per_key = {k.id: self.usage(k) for k in keys}
-        agents: dict[str, dict[str, float]] = {}
-        for k in keys:
-            month = per_key[k.id].get("month") or {}
-            a = agents.setdefault(k.agent, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0})
-            for field_name in a:
-                a[field_name] += month.get(field_name, 0)
-        return {"object": "usage.list", "keys": per_key, "agents": agents}
-
-
-# -- startup warning, logs ---------------------------------------------------------------------------------------
-
-
-def auth_disabled_warning(config: AppConfig, host: str | None = None) -> str | None:
-    """The text to log (WARNING, at start) when auth is off; None when it is on."""
-    if config.auth.enabled:
-        return None
-    where = f" on {host}" if host else ""
-    exposed = host is not None and host not in ("127.0.0.1", "localhost", "::1")
-    return (
-        "!!! tierserve: API KEYS ARE DISABLED (auth.enabled: false, profile "
-        f"{config.profile}): anyone who can reach the ingress{where} can use every tier, with no rate limits "
-        "or budgets. Only for the local demo; set auth.enabled: true and create keys with `tierserve keys "
-        "create` before exposing it." + (" THIS ADDRESS IS NOT LOOPBACK." if exposed else "")
-    )
-
-
-_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"(?<![A-Za-z0-9])(ts_[0-9a-f]{1,32})_[A-Za-z0-9_\-]+"), r"\1_[REDACTED]"),  # keeps the public id
-    (re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+"), r"\1[REDACTED]"),
-    (re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"), "sk-[REDACTED]"),  # provider keys (OpenAI, Anthropic, ...)
-    (re.compile(r"(?i)\b((?:x-)?api[_-]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+"), r"\1[REDACTED]"),
-)
-
-
-def redact(text: str) -> str:
-    """`text` with API keys and bearer tokens replaced by [REDACTED] (a `ts_` key keeps its public id)."""
-    for pattern, repl in _REDACTIONS:
-        text = pattern.sub(repl, text)
-    return text
-
-
-class RedactingFilter(logging.Filter):
-    """Logging filter: redact the formatted message and any traceback. Attach it to handlers (a logger's own
-    filters don't see records propagated from child loggers); `install_redaction` does that."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format string is the handler's problem, not ours
-            return True
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
-        elif record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        return True
-
-
-def install_redaction(logger: logging.Logger | None = None) -> RedactingFilter:
-    """Add one RedactingFilter to `logger` (default: root) and each of its handlers; idempotent."""
-    logger = logger if logger is not None else logging.getLogger()
-    existing = next((f for f in logger.filters if isinstance(f, RedactingFilter)), None)
-    flt = existing or RedactingFilter()
-    for target in (logger, *logger.handlers):
-        if not any(isinstance(f, RedactingFilter) for f in target.filters):
-            target.addFilter(flt)
-    return flt
-
-
-def redact_replica_logs() -> None:
-    """Redaction for a Serve replica: its root logger and Ray Serve's own logger, which does not propagate."""
-    for logger in (logging.getLogger(), logging.getLogger("ray.serve")):
-        install_redaction(logger)
-
-
-def loggable_body(body: dict[str, Any], log_prompts: bool) -> dict[str, Any]:
-    """The request body as it may be logged: prompt text replaced by its size unless `log_prompts`."""
-    if log_prompts:
-        return body
-    out = dict(body)
-    if isinstance(out.get("messages"), list):
-        out["messages"] = [
-            {"role": m.get("role"), "content": f"<{_size(m.get('content'))} chars>"} if isinstance(m, dict) else "<?>"
-            for m in out["messages"]
-        ]
-    if "prompt" in out:
-        out["prompt"] = f"<{_size(out['prompt'])} chars>"
-    for name in ("suffix", "tools", "response_format", "logit_bias"):
-        if name in out:
-            out[name] = f"<{_size(out[name])} chars>"
-    return out
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    try:
-        return len(json.dumps(value))
-    except (TypeError, ValueError):
-        return 0

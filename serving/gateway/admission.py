@@ -18,12 +18,14 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 
-from serving.auth import KeyRecord, KeyStore, Limiter, auth_disabled_warning, check_tier, usage_db_path
-from serving.budget import Budget
 from serving.config import AppConfig, AuthSettings, Tier
-from serving.errors import APIError, from_validation_errors
-from serving.limits import check_max_tokens, check_request, read_limited, tier_max_tokens
-from serving.telemetry import LOCAL
+from serving.gateway.limits import check_max_tokens, check_request, read_limited, tier_max_tokens
+from serving.ops.metrics import LOCAL
+from serving.security.keys import KeyRecord, KeyStore, check_tier, usage_db_path
+from serving.security.quotas import Limiter
+from serving.security.redaction import auth_disabled_warning
+from serving.spend.ledger import Budget
+from serving.wire.errors import APIError, from_validation_errors
 
 log = logging.getLogger(__name__)
 

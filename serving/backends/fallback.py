@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from serving.auth import redact_replica_logs
-from serving.breaker import BreakerRegistry
-from serving.budget import Budget
+from serving.backends.breaker import BreakerRegistry
+from serving.backends.providers import Completed, Outcome, ProviderClient, UpstreamError
+from serving.backends.tier import Result, Usage
 from serving.config import AppConfig
-from serving.errors import APIError
-from serving.providers import Completed, Outcome, ProviderClient, UpstreamError
-from serving.router import ProviderState
-from serving.tiers import Result, Usage
+from serving.gateway.router import ProviderState
+from serving.security.redaction import redact_replica_logs
+from serving.spend.ledger import Budget
+from serving.wire.errors import APIError
 
 log = logging.getLogger(__name__)
 

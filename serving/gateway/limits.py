@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from serving.config import AppConfig, LimitsConfig, Tier
-from serving.errors import APIError
+from serving.wire.errors import APIError
 
 ENDPOINTS = ("chat", "completion")
 _INT64_MAX = 2**63 - 1

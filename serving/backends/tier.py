@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from serving.affinity import colocate_engine_cores
+from serving.backends.affinity import colocate_engine_cores
 from serving.config import Tier
-from serving.errors import APIError, from_validation_errors, from_vllm_error
-from serving.telemetry import engine_metrics_text, engine_waiting
-from serving.tracing import Tracing
+from serving.ops.metrics import engine_metrics_text, engine_waiting
+from serving.ops.tracing import Tracing
+from serving.wire.errors import APIError, from_validation_errors, from_vllm_error
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ class TierServer:
         from vllm.renderers.online_renderer import OnlineRenderer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from serving.auth import redact_replica_logs
-        from serving.weights import resolve
+        from serving.backends.weights import resolve
+        from serving.security.redaction import redact_replica_logs
 
         redact_replica_logs()  # provider or agent keys in an engine error's text never reach the log
         self.tier_name = tier_name
@@ -298,7 +298,7 @@ class TierServer:
     def gpu_snapshot(self) -> dict[str, Any]:
         """This node's GPUs, with the memory held by this replica's engine processes labelled as the tier."""
         if self.gpus is None:
-            from serving.gpu import GpuCollector
+            from serving.ops.gpu import GpuCollector
 
             self.gpus = GpuCollector(tier_of={os.getpid(): self.tier_name})
         return self.gpus.snapshot().to_dict()

@@ -26,19 +26,20 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.admission import Admission, KeySpec
-from serving.auth import KeyRecord, KeyStoreError, redact_replica_logs
+from serving.backends.tier import LocalTier, Result, TierServer, Usage
 from serving.config import AppConfig, AuthSettings, Settings
-from serving.errors import APIError, from_validation_errors
-from serving.fleet import Fleet, ListCollector
-from serving.gpu import SnapshotCollector
-from serving.health import ReadinessProber
-from serving.limits import request_timeout_s
-from serving.router import Decision, ProviderState, Router, facts_from_body
-from serving.telemetry import LOCAL, RequestMetrics, RequestRecord
-from serving.tiers import LocalTier, Result, TierServer, Usage
-from serving.tracing import Tracing
-from serving.warmup import keep_warm_loop, parse_window
+from serving.gateway.admission import Admission, KeySpec
+from serving.gateway.fleet import Fleet, ListCollector
+from serving.gateway.limits import request_timeout_s
+from serving.gateway.readiness import ReadinessProber
+from serving.gateway.router import Decision, ProviderState, Router, facts_from_body
+from serving.gateway.warmup import keep_warm_loop, parse_window
+from serving.ops.gpu import SnapshotCollector
+from serving.ops.metrics import LOCAL, RequestMetrics, RequestRecord
+from serving.ops.tracing import Tracing
+from serving.security.keys import KeyRecord, KeyStoreError
+from serving.security.redaction import redact_replica_logs
+from serving.wire.errors import APIError, from_validation_errors
 
 log = logging.getLogger(__name__)
 

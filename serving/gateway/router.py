@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from serving.config import AppConfig, AutoRule, Provider, RoutingConfig
-from serving.errors import APIError
+from serving.wire.errors import APIError
 
 TargetKind = Literal["tier", "provider"]
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of a chat template, per message

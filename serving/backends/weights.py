@@ -16,7 +16,7 @@ class WeightsError(RuntimeError):
 
 def resolve(source: ModelSource, cache_dir: Path) -> Path:
     if source.tiny_seed is not None:
-        from serving.tinymodel import cached_tiny_model
+        from serving.backends.tinymodel import cached_tiny_model
 
         return cached_tiny_model(cache_dir, source.tiny_seed)
     if source.path is not None:

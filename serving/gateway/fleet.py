@@ -14,11 +14,11 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
+from serving.backends.tier import LocalTier
 from serving.config import AppConfig
-from serving.gpu import GpuSnapshot
-from serving.router import ProviderState, TierState
-from serving.telemetry import RequestMetrics, estimate_wait_s, relabel, waiting_in
-from serving.tiers import LocalTier
+from serving.gateway.router import ProviderState, TierState
+from serving.ops.gpu import GpuSnapshot
+from serving.ops.metrics import RequestMetrics, estimate_wait_s, relabel, waiting_in
 
 log = logging.getLogger(__name__)
 FANOUT_TIMEOUT_S = 5.0
