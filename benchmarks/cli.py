@@ -18,11 +18,13 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks import report, servers
-from benchmarks.loadgen import PromptMaker, Workload, one_request, run_level
+from benchmarks.loadgen import PromptMaker, Sample, Workload, one_request, run_level
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEPS = {"full": [1, 8, 16, 32, 64, 128], "smoke": [1, 4]}
@@ -236,54 +238,73 @@ class Progress:
             print(text, flush=True)
 
 
-def requests_for(c: int, args: argparse.Namespace) -> int:
-    if args.requests_per_level:
-        return args.requests_per_level
-    return max(8, 2 * c) if args.sweep == "smoke" and not args.concurrency else max(32, 4 * c)
+Endpoint = dict[str, str]  # "url" (base URL ending in /v1), "model", "api_key"
 
 
-async def probe_pairs(
-    first: tuple[str, str], second: tuple[str, str], prompts: list[str], work: Workload, want: callable
-) -> dict:
-    """Alternate the same streamed request to (url, model) `first` and `second` at concurrency 1."""
-    import statistics
+@dataclass
+class Plan:
+    """What the flags ask for, checked and resolved before anything starts."""
 
-    from benchmarks.loadgen import make_client
+    concurrency: list[int]
+    modes: list[str]
+    workdir: Path
+    work: Workload
+    targets: dict[str, Endpoint]  # --target servers; none: start the --systems here
+    model_dir: Path | None  # None only with --target and no --model-dir
+    tokenizer_dir: str | None
 
-    a, b = make_client(first[0], "", 1, 120), make_client(second[0], "", 1, 120)
-    ttft_d, e2e_d, errors, bad = [], [], 0, None
-    try:
-        for prompt in prompts:
-            sa = await one_request(a, first[1], prompt, work, stream=True, want_headers=True)
-            sb = await one_request(b, second[1], prompt, work, stream=True)
-            problem = sa.error or sb.error or want(sa)
-            if problem:
-                errors += 1
-                bad = bad or problem
-                if not ttft_d:  # failing from the start: the feature is not there (yet); don't insist
-                    break
-                continue
-            ttft_d.append((sa.ttft - sb.ttft) * 1000)
-            e2e_d.append((sa.e2e - sb.e2e) * 1000)
-    finally:
-        await a.close()
-        await b.close()
-    if not ttft_d:
-        return {"available": False, "reason": bad or "no successful pair", "errors": errors}
-    return {
-        "available": True,
-        "pairs": len(ttft_d),
-        "errors": errors,
-        "delta_ttft_p50_ms": round(statistics.median(ttft_d), 2),
-        "delta_e2e_p50_ms": round(statistics.median(e2e_d), 2),
-        "delta_ttft_mean_ms": round(statistics.fmean(ttft_d), 2),
-        "first_error": bad,
-    }
+
+@dataclass
+class Systems:
+    """The systems under test: their endpoints, the servers this run started, tierserve's config note."""
+
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    started: list[servers.Server] = field(default_factory=list)  # all stopped at the end, whatever happens
+    tierserve_note: dict = field(default_factory=dict)
+
+    @property
+    def order(self) -> list[str]:
+        """Report order: the known systems first (they get the ratios), then any other --target."""
+        return [n for n in SYSTEMS if n in self.endpoints] + [n for n in self.endpoints if n not in SYSTEMS]
+
+
+@dataclass
+class Measured:
+    """What the run measured, for the document."""
+
+    results: dict[str, dict[str, dict[int, dict]]]  # mode -> system -> concurrency -> summary
+    raw: dict[str, Any]  # the same levels' per-request rows
+    probes: dict[str, dict]
+    idle: dict[str, dict[str, float]]
 
 
 def run(args: argparse.Namespace) -> int:
+    """Start (or reach) the systems, measure them, stop what was started, write the files. Exit status 0, or 2
+    when a process did not stop cleanly."""
     started = dt.datetime.now().astimezone()
     host = host_facts()
+    plan = plan_run(args)
+    systems = Systems()
+    engines_before = servers.engine_pids()
+    doc: dict[str, Any] = {}
+    try:
+        if plan.targets:
+            systems.endpoints.update(plan.targets)
+        else:
+            start_local(args, plan, systems)
+        measured = measure(args, plan, systems)
+        doc = document(args, plan, systems, measured, started, host)
+    finally:
+        stop_problems = stop_all(systems.started, engines_before)
+    if not doc:
+        return 1
+    doc["meta"]["stop_problems"] = stop_problems
+    write_files(doc, Path(args.out_dir))
+    print_summary(doc)
+    return 0 if not stop_problems else 2
+
+
+def plan_run(args: argparse.Namespace) -> Plan:
     concurrency = [int(x) for x in args.concurrency.split(",")] if args.concurrency else SWEEPS[args.sweep]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
@@ -292,10 +313,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tierserve-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     work = Workload(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
-    targets = kv(args.target, "--target")
-    target_models = kv(args.target_model, "--target-model")
-    api_keys = {k: os.environ.get(v, "") for k, v in kv(args.api_key, "--api-key").items()}
-
+    targets = target_endpoints(args)
     model_dir = Path(args.model_dir).resolve() if args.model_dir else None
     if model_dir is None and not targets:
         from serving.backends.tinymodel import cached_tiny_model
@@ -304,220 +322,322 @@ def run(args: argparse.Namespace) -> int:
         # The very directory the local profile's tier with this seed serves (`fast`: seed 3).
         model_dir = Path(cached_tiny_model(Settings().cache_dir, args.tiny_seed)).resolve()
     tokenizer_dir = args.tokenizer or (str(model_dir) if model_dir else None)
+    return Plan(concurrency, modes, workdir, work, targets, model_dir, tokenizer_dir)
 
-    started_servers: list[servers.Server] = []
-    endpoints: dict[str, dict] = {}  # name -> {url, model, api_key}
-    tierserve_note: dict = {}
-    stop_problems: list[str] = []
-    engines_before = servers.engine_pids()
-    doc: dict[str, Any] = {}
-    total = sum(requests_for(c, args) for c in concurrency) * len(modes)
-    try:
-        if targets:
-            for name, url in targets.items():
-                endpoints[name] = {
-                    "url": url.rstrip("/"),
-                    "model": target_models.get(name, args.served_name),
-                    "api_key": api_keys.get(name, ""),
-                }
-        else:
-            wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
-            need_bare = "bare" in wanted or "litellm" in wanted
-            bare = tier = lite = pinned = None
-            if need_bare:
-                bare = servers.bare_vllm(model_dir, args.served_name, workdir, args.max_model_len, args.max_num_seqs)
-            if "bare-colocated" in wanted:
-                pinned = servers.bare_vllm(model_dir, args.served_name, workdir, args.max_model_len,
-                                           args.max_num_seqs, name="bare-colocated")
-            if "tierserve" in wanted:
-                tier, tierserve_note = servers.tierserve(
-                    model_dir,
-                    args.served_name,
-                    workdir,
-                    args.max_model_len,
-                    args.max_num_seqs,
-                    bare.base_url if bare else None,
-                    features=not args.no_features,
-                    embed=not args.no_embed,
-                )
-            print(f"workdir {workdir} (logs, generated configs)", flush=True)
-            first = [s for s in (bare, pinned, tier) if s]
-            for s in first:
-                started_servers.append(s)
-                s.start()
-            t0 = time.monotonic()
 
-            def tick(name: str, took: float) -> None:
-                print(f"  {name} ready in {took:.0f}s (first token)", flush=True)
+def target_endpoints(args: argparse.Namespace) -> dict[str, Endpoint]:
+    """The --target servers, each with its --target-model (default --served-name) and --api-key."""
+    targets = kv(args.target, "--target")
+    models = kv(args.target_model, "--target-model")
+    keys = {k: os.environ.get(v, "") for k, v in kv(args.api_key, "--api-key").items()}
+    return {
+        name: {"url": url.rstrip("/"), "model": models.get(name, args.served_name), "api_key": keys.get(name, "")}
+        for name, url in targets.items()
+    }
 
-            print("starting " + ", ".join(s.name for s in first) + " ...", flush=True)
-            servers.wait_ready(first, args.start_timeout, tick)
-            if pinned:
-                for pid, cpus in servers.colocate(pinned).items():
-                    print(f"  bare-colocated: engine core {pid} moved onto CPUs {sorted(cpus)}", flush=True)
-            if "litellm" in wanted:
-                lite = servers.litellm_proxy(args.served_name, bare.base_url, workdir)
-                started_servers.append(lite)
-                lite.start()
-                servers.wait_ready([lite], max(60.0, args.start_timeout - (time.monotonic() - t0)), tick)
-            for s in (bare, pinned, tier, lite):
-                if s and s.name in wanted:
-                    endpoints[s.name] = {"url": s.base_url, "model": s.model, "api_key": s.api_key}
 
-        prompts_all = PromptMaker(tokenizer_dir)
-        order = [n for n in SYSTEMS if n in endpoints] + [n for n in endpoints if n not in SYSTEMS]
-        results: dict[str, dict[str, dict[int, dict]]] = {m: {n: {} for n in order} for m in modes}
-        raw: dict[str, Any] = {}
-        total_all = total * len(order) + args.warmup * len(order) * len(modes)
-        with Progress(total_all, not args.no_progress) as prog:
-            for mode in modes:
-                stream = mode == "stream"
-                warm = prompts_all.make(args.prompt_tokens, args.warmup, seed=999)
-                for name in order:
-                    ep = endpoints[name]
-                    prog.describe(f"warm-up {name} {mode}")
-                    asyncio.run(
-                        run_level(
-                            ep["url"],
-                            ep["model"],
-                            warm,
-                            work,
-                            stream,
-                            min(4, args.warmup or 1),
-                            ep["api_key"],
-                            args.request_timeout,
-                            prog.advance,
-                        )
-                    )
-                for c in concurrency:
-                    n = requests_for(c, args)
-                    prompts = prompts_all.make(args.prompt_tokens, n, seed=c * 7919 + (1 if stream else 0))
-                    for name in order:
-                        ep = endpoints[name]
-                        prog.describe(f"{mode} c={c:<3} {name:<9}")
-                        samples, wall = asyncio.run(
-                            run_level(
-                                ep["url"],
-                                ep["model"],
-                                prompts,
-                                work,
-                                stream,
-                                c,
-                                ep["api_key"],
-                                args.request_timeout,
-                                prog.advance,
-                            )
-                        )
-                        summary = report.summarize(samples, wall)
-                        summary["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
-                        results[mode][name][c] = summary
-                        rows = report.compact([s.as_dict() for s in samples])
-                        raw.setdefault(mode, {}).setdefault(name, {})[c] = rows
-                        prog.log(
-                            f"{mode:9} c={c:<3} {name:9} {summary['output_tok_per_s'] or 0:8.1f} tok/s "
-                            f"TTFT p50 {report._f(summary['ttft_ms']['p50']):>8} ms  e2e p50 "
-                            f"{summary['e2e_ms']['p50'] or 0:8.1f} ms  errors {summary['errors']}"
-                        )
-                        for s in started_servers:
-                            s.snapshot()
-                        check_alive(started_servers)
+# -- starting the systems -----------------------------------------------------------------------------
 
-        probes = run_probes(args, endpoints, tierserve_note, prompts_all, work)
-        idle = servers.idle_cpu(started_servers, args.idle_seconds) if args.idle_seconds > 0 else {}
-        for name, parts in idle.items():
-            print(f"idle {name}: gateway {parts['gateway_pct_core']}% of a core, engine {parts['engine_pct_core']}%")
-        for s in started_servers:
-            s.snapshot()
-        hourly, source, hosted = prices(args.models_yaml, args.gpu_hourly_usd)
-        rat = report.ratios(results, against=tuple(n for n in SYSTEMS if n != "tierserve"))
-        finished = dt.datetime.now().astimezone()
-        load_end = [round(x, 2) for x in os.getloadavg()]
-        systems_text = {
-            n: (SYSTEM_TEXT.get(n, "") if not targets else f"{endpoints[n]['url']} model {endpoints[n]['model']}")
-            for n in order
-        }
-        if tierserve_note and "tierserve" in systems_text:
-            systems_text["tierserve"] += (
-                "; routing (`auto`), a fallback provider and a scaled-to-zero fallback tier configured"
-                if tierserve_note.get("features_configured")
-                else "; routing/fallback not configurable in this checkout (schema rejected them)"
-            )
-        noise = args.noise_note or (
-            "this machine has 2 cores shared by the servers, the load generator and other engineers' test runs; "
-            "levels interleave the systems so background load hits each alike, but single numbers move "
-            "between runs. Compare ratios within one run, not absolute numbers across runs."
-            if (os.cpu_count() or 0) <= 4
-            else None
+
+def start_local(args: argparse.Namespace, plan: Plan, systems: Systems) -> None:
+    """Start the --systems on loopback and wait until each has generated a token. The LiteLLM proxy comes
+    last, in front of the bare vLLM once that is ready; bare vLLM also runs when only LiteLLM is wanted."""
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    made, systems.tierserve_note = local_servers(args, plan, wanted)
+    print(f"workdir {plan.workdir} (logs, generated configs)", flush=True)
+    first = list(made.values())
+    launch(systems.started, *first)
+    t0 = time.monotonic()
+    print("starting " + ", ".join(s.name for s in first) + " ...", flush=True)
+    servers.wait_ready(first, args.start_timeout, report_ready)
+    if "bare-colocated" in made:
+        for pid, cpus in servers.colocate(made["bare-colocated"]).items():
+            print(f"  bare-colocated: engine core {pid} moved onto CPUs {sorted(cpus)}", flush=True)
+    if "litellm" in wanted:
+        lite = made["litellm"] = servers.litellm_proxy(args.served_name, made["bare"].base_url, plan.workdir)
+        launch(systems.started, lite)
+        servers.wait_ready([lite], max(60.0, args.start_timeout - (time.monotonic() - t0)), report_ready)
+    for name, s in made.items():
+        if name in wanted:
+            systems.endpoints[name] = {"url": s.base_url, "model": s.model, "api_key": s.api_key}
+
+
+def local_servers(
+    args: argparse.Namespace, plan: Plan, wanted: list[str]
+) -> tuple[dict[str, servers.Server], dict]:
+    """The servers to start first, by name in start order, not started yet; and tierserve's config note."""
+    model_dir = plan.model_dir
+    assert model_dir is not None, "plan_run picks a model whenever nothing is --target"
+    # Every system serves the same model under the same name and engine limits.
+    same = (model_dir, args.served_name, plan.workdir, args.max_model_len, args.max_num_seqs)
+    made: dict[str, servers.Server] = {}
+    note: dict = {}
+    if "bare" in wanted or "litellm" in wanted:
+        made["bare"] = servers.bare_vllm(*same)
+    if "bare-colocated" in wanted:
+        made["bare-colocated"] = servers.bare_vllm(*same, name="bare-colocated")
+    if "tierserve" in wanted:
+        bare_url = made["bare"].base_url if "bare" in made else None
+        made["tierserve"], note = servers.tierserve(
+            *same, bare_url, features=not args.no_features, embed=not args.no_embed
         )
-        loads = [r["load_avg_1m_after"] for m in results.values() for lv in m.values() for r in lv.values()]
-        if noise and loads:
-            noise += f" 1-minute load average after each level: {min(loads):.1f} to {max(loads):.1f}."
-        doc = {
-            "meta": {
-                "date": started.date().isoformat(),
-                "machine": machine_label(args.machine),
-                "started": started.isoformat(timespec="seconds"),
-                "finished": finished.isoformat(timespec="seconds"),
-                "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                "sweep": "custom" if args.concurrency else args.sweep,
-                "host": {**host, "load_avg_at_end": load_end},
-                "model_dir": str(model_dir) if model_dir else None,
-                "served_name": args.served_name,
-                "workload": {
-                    "prompt_tokens": args.prompt_tokens,
-                    "output_tokens": args.output_tokens,
-                    "concurrency": concurrency,
-                    "modes": modes,
-                    "warmup": args.warmup,
-                    "requests_rule": ("--requests-per-level " + str(args.requests_per_level))
-                    if args.requests_per_level
-                    else ("max(8, 2xconc)" if args.sweep == "smoke" and not args.concurrency else "max(32, 4xconc)"),
-                    "requests": {c: requests_for(c, args) for c in concurrency},
-                },
-                "systems": systems_text,
-                "endpoints": {n: {"url": e["url"], "model": e["model"]} for n, e in endpoints.items()},
-                "startup_s": {s.name: round(s.ready_s, 1) for s in started_servers if s.ready_s is not None},
-                "tierserve_config": tierserve_note.get("config"),
-                "tierserve_features_rejected": tierserve_note.get("features_rejected"),
-                "noise": noise,
-            },
-            "results": results,
-            "ratios": rat,
-            "targets": report.targets(rat),
-            "cost": {
-                "gpu_hourly_usd": hourly,
-                "price_source": source,
-                "hosted": hosted,
-                "per_mode": report.cost_table(results, hourly),
-            },
-            "probes": probes,
-            "idle_cpu": {"seconds": args.idle_seconds, "systems": idle},
-            "raw": {"fields": report.RAW_FIELDS, "levels": raw},
-        }
-    finally:
-        for s in reversed(started_servers):
-            print(f"stopping {s.name} ...", flush=True)
-            stop_problems += s.stop()
-        if started_servers:
-            ours = {pid for s in started_servers for pid in s.seen}
-            deadline = time.monotonic() + 30
-            while True:  # engine processes of other runs on this machine are not ours: only ours count
-                left = [x for x in servers.leftover_engines(engines_before) if int(x.split(":")[0]) in ours]
-                if not left or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
-            stop_problems += [f"VLLM process left: {x}" for x in left]
-            print(
-                "stopped; " + ("no engine process left" if not stop_problems else f"problems: {stop_problems}"),
-                flush=True,
-            )
-    if not doc:
-        return 1
-    doc["meta"]["stop_problems"] = stop_problems
-    stem = f"{doc['meta']['date']}-{doc['meta']['machine']}"
-    files = report.write(doc, Path(args.out_dir), stem)
-    for f in files:
+    return made, note
+
+
+def launch(started: list[servers.Server], *new: servers.Server) -> None:
+    for s in new:
+        started.append(s)  # before start(): one that fails to start is stopped with the rest
+        s.start()
+
+
+def report_ready(name: str, took: float) -> None:
+    print(f"  {name} ready in {took:.0f}s (first token)", flush=True)
+
+
+# -- measuring ----------------------------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace, plan: Plan, systems: Systems) -> Measured:
+    """The loads, then the routing/fallback probes, then the servers' idle CPU."""
+    prompts = PromptMaker(plan.tokenizer_dir)
+    results, raw = run_loads(args, plan, systems, prompts)
+    probes = run_probes(args, systems.endpoints, systems.tierserve_note, prompts, plan.work)
+    idle = measure_idle(systems.started, args.idle_seconds)
+    snapshot(systems.started)
+    return Measured(results, raw, probes, idle)
+
+
+def run_loads(
+    args: argparse.Namespace, plan: Plan, systems: Systems, maker: PromptMaker
+) -> tuple[dict[str, dict[str, dict[int, dict]]], dict[str, Any]]:
+    """Every mode, level and system, interleaved (mode, then level, then system) so that background load hits
+    the systems alike; each system warmed up per mode. Returns (summaries, per-request rows), both
+    [mode][system][concurrency]."""
+    order = systems.order
+    results: dict[str, dict[str, dict[int, dict]]] = {m: {n: {} for n in order} for m in plan.modes}
+    raw: dict[str, Any] = {}
+    with Progress(total_requests(args, plan, len(order)), not args.no_progress) as prog:
+        for mode in plan.modes:
+            stream = mode == "stream"
+            warm_up(args, plan, systems, maker, mode, prog)
+            for c in plan.concurrency:
+                prompts = maker.make(args.prompt_tokens, requests_for(c, args), seed=c * 7919 + (1 if stream else 0))
+                for name in order:
+                    prog.describe(f"{mode} c={c:<3} {name:<9}")
+                    summary, rows = measure_level(args, plan.work, systems.endpoints[name], prompts, stream, c, prog)
+                    results[mode][name][c] = summary
+                    raw.setdefault(mode, {}).setdefault(name, {})[c] = rows
+                    prog.log(level_line(mode, c, name, summary))
+                    snapshot(systems.started)
+                    check_alive(systems.started)
+    return results, raw
+
+
+def warm_up(
+    args: argparse.Namespace, plan: Plan, systems: Systems, maker: PromptMaker, mode: str, prog: Progress
+) -> None:
+    """--warmup requests to every system before a mode's levels, not counted."""
+    warm = maker.make(args.prompt_tokens, args.warmup, seed=999)
+    for name in systems.order:
+        prog.describe(f"warm-up {name} {mode}")
+        send(args, plan.work, systems.endpoints[name], warm, mode == "stream", min(4, args.warmup or 1), prog)
+
+
+def measure_level(
+    args: argparse.Namespace, work: Workload, ep: Endpoint, prompts: list[str], stream: bool, concurrency: int,
+    prog: Progress,
+) -> tuple[dict, list[list]]:
+    """One level on one system: its summary (with the load average it ended at) and its per-request rows."""
+    samples, wall = send(args, work, ep, prompts, stream, concurrency, prog)
+    summary = report.summarize(samples, wall)
+    summary["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+    return summary, report.compact([s.as_dict() for s in samples])
+
+
+def send(
+    args: argparse.Namespace, work: Workload, ep: Endpoint, prompts: list[str], stream: bool, concurrency: int,
+    prog: Progress,
+) -> tuple[list[Sample], float]:
+    """One closed-loop level against one endpoint: its samples and wall time."""
+    level = run_level(
+        ep["url"], ep["model"], prompts, work, stream, concurrency, ep["api_key"], args.request_timeout, prog.advance
+    )
+    return asyncio.run(level)
+
+
+def total_requests(args: argparse.Namespace, plan: Plan, systems: int) -> int:
+    """Every request the loads send, warm-ups included: the progress bar's length."""
+    per_mode = sum(requests_for(c, args) for c in plan.concurrency) + args.warmup
+    return per_mode * len(plan.modes) * systems
+
+
+def requests_for(c: int, args: argparse.Namespace) -> int:
+    if args.requests_per_level:
+        return args.requests_per_level
+    return max(8, 2 * c) if smoke_counts(args) else max(32, 4 * c)
+
+
+def requests_rule(args: argparse.Namespace) -> str:
+    """requests_for's rule, as the report states it."""
+    if args.requests_per_level:
+        return "--requests-per-level " + str(args.requests_per_level)
+    return "max(8, 2xconc)" if smoke_counts(args) else "max(32, 4xconc)"
+
+
+def smoke_counts(args: argparse.Namespace) -> bool:
+    """The smoke sweep sends fewer requests per level, unless --concurrency replaced its levels."""
+    return args.sweep == "smoke" and not args.concurrency
+
+
+def level_line(mode: str, c: int, name: str, summary: dict) -> str:
+    return (
+        f"{mode:9} c={c:<3} {name:9} {summary['output_tok_per_s'] or 0:8.1f} tok/s "
+        f"TTFT p50 {report._f(summary['ttft_ms']['p50']):>8} ms  e2e p50 "
+        f"{summary['e2e_ms']['p50'] or 0:8.1f} ms  errors {summary['errors']}"
+    )
+
+
+def snapshot(started: list[servers.Server]) -> None:
+    """Have every server note its live processes, so the stop can tell that none outlived it."""
+    for s in started:
+        s.snapshot()
+
+
+def measure_idle(started: list[servers.Server], seconds: float) -> dict[str, dict[str, float]]:
+    idle = servers.idle_cpu(started, seconds) if seconds > 0 else {}
+    for name, parts in idle.items():
+        print(f"idle {name}: gateway {parts['gateway_pct_core']}% of a core, engine {parts['engine_pct_core']}%")
+    return idle
+
+
+# -- the document -------------------------------------------------------------------------------------
+
+
+def document(
+    args: argparse.Namespace, plan: Plan, systems: Systems, measured: Measured, started: dt.datetime,
+    host: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's .json document (report.write renders it); the stop's outcome is added once known."""
+    hourly, source, hosted = prices(args.models_yaml, args.gpu_hourly_usd)
+    rat = report.ratios(measured.results, against=tuple(n for n in SYSTEMS if n != "tierserve"))
+    return {
+        "meta": run_meta(args, plan, systems, measured, started, host),
+        "results": measured.results,
+        "ratios": rat,
+        "targets": report.targets(rat),
+        "cost": {
+            "gpu_hourly_usd": hourly,
+            "price_source": source,
+            "hosted": hosted,
+            "per_mode": report.cost_table(measured.results, hourly),
+        },
+        "probes": measured.probes,
+        "idle_cpu": {"seconds": args.idle_seconds, "systems": measured.idle},
+        "raw": {"fields": report.RAW_FIELDS, "levels": measured.raw},
+    }
+
+
+def run_meta(
+    args: argparse.Namespace, plan: Plan, systems: Systems, measured: Measured, started: dt.datetime,
+    host: dict[str, Any],
+) -> dict[str, Any]:
+    """When, where and what ran: machine, command, workload, systems and their start-up."""
+    finished = dt.datetime.now().astimezone()
+    note = systems.tierserve_note
+    return {
+        "date": started.date().isoformat(),
+        "machine": machine_label(args.machine),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "sweep": "custom" if args.concurrency else args.sweep,
+        "host": {**host, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "model_dir": str(plan.model_dir) if plan.model_dir else None,
+        "served_name": args.served_name,
+        "workload": {
+            "prompt_tokens": args.prompt_tokens,
+            "output_tokens": args.output_tokens,
+            "concurrency": plan.concurrency,
+            "modes": plan.modes,
+            "warmup": args.warmup,
+            "requests_rule": requests_rule(args),
+            "requests": {c: requests_for(c, args) for c in plan.concurrency},
+        },
+        "systems": describe_systems(systems, bool(plan.targets)),
+        "endpoints": {n: {"url": e["url"], "model": e["model"]} for n, e in systems.endpoints.items()},
+        "startup_s": {s.name: round(s.ready_s, 1) for s in systems.started if s.ready_s is not None},
+        "tierserve_config": note.get("config"),
+        "tierserve_features_rejected": note.get("features_rejected"),
+        "noise": noise_note(args, measured.results),
+    }
+
+
+def describe_systems(systems: Systems, targets: bool) -> dict[str, str]:
+    """A sentence per system for the report: what it is, or for a --target where it was reached."""
+    eps = systems.endpoints
+    text = {n: f"{eps[n]['url']} model {eps[n]['model']}" if targets else SYSTEM_TEXT.get(n, "") for n in systems.order}
+    note = systems.tierserve_note
+    if note and "tierserve" in text:
+        text["tierserve"] += (
+            "; routing (`auto`), a fallback provider and a scaled-to-zero fallback tier configured"
+            if note.get("features_configured")
+            else "; routing/fallback not configurable in this checkout (schema rejected them)"
+        )
+    return text
+
+
+SMALL_MACHINE_NOISE = (
+    "this machine has 2 cores shared by the servers, the load generator and other engineers' test runs; "
+    "levels interleave the systems so background load hits each alike, but single numbers move "
+    "between runs. Compare ratios within one run, not absolute numbers across runs."
+)
+
+
+def noise_note(args: argparse.Namespace, results: dict[str, dict[str, dict[int, dict]]]) -> str | None:
+    """--noise-note, or on a small machine a standard caveat; with the load average the levels ended at."""
+    noise = args.noise_note or (SMALL_MACHINE_NOISE if (os.cpu_count() or 0) <= 4 else None)
+    loads = [r["load_avg_1m_after"] for m in results.values() for lv in m.values() for r in lv.values()]
+    if noise and loads:
+        noise += f" 1-minute load average after each level: {min(loads):.1f} to {max(loads):.1f}."
+    return noise
+
+
+# -- the end ------------------------------------------------------------------------------------------
+
+
+def stop_all(started: list[servers.Server], engines_before: set[int]) -> list[str]:
+    """Stop every server this run started, last first; returns what did not stop cleanly."""
+    problems: list[str] = []
+    for s in reversed(started):
+        print(f"stopping {s.name} ...", flush=True)
+        problems += s.stop()
+    if started:
+        problems += [f"VLLM process left: {x}" for x in engines_left(started, engines_before)]
+        print(
+            "stopped; " + ("no engine process left" if not problems else f"problems: {problems}"),
+            flush=True,
+        )
+    return problems
+
+
+def engines_left(started: list[servers.Server], engines_before: set[int], wait_s: float = 30) -> list[str]:
+    """The engine processes of these servers still alive after up to `wait_s`. Engine processes of other runs
+    on this machine are not ours: only ours count."""
+    ours = {pid for s in started for pid in s.seen}
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [x for x in servers.leftover_engines(engines_before) if int(x.split(":")[0]) in ours]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(1)
+
+
+def write_files(doc: dict[str, Any], out_dir: Path) -> None:
+    for f in report.write(doc, out_dir, f"{doc['meta']['date']}-{doc['meta']['machine']}"):
         print(f"wrote {f}")
+
+
+def print_summary(doc: dict[str, Any]) -> None:
     errors = sum(r["errors"] for m in doc["results"].values() for lv in m.values() for r in lv.values())
     print(f"requests with errors: {errors}")
     for name, per_mode in doc["ratios"].items():
@@ -525,7 +645,6 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"{name} {mode} output tok/s: " + ", ".join(f"c={c} {r['output_tok_per_s']}" for c, r in rows.items())
             )
-    return 0 if not stop_problems else 2
 
 
 def check_alive(started: list[servers.Server]) -> None:
@@ -569,7 +688,7 @@ def run_probes(args: argparse.Namespace, endpoints: dict, note: dict, maker: Pro
     else:
         fb_model = f"{args.served_name}-fallback"
 
-        def via_provider(s) -> str | None:
+        def via_provider(s: Sample) -> str | None:
             who = s.headers.get("x-tierserve-provider")
             if who in (None, "", "local"):
                 return f"answered without a fallback hop (x-tierserve-provider: {who!r})"
@@ -583,6 +702,55 @@ def run_probes(args: argparse.Namespace, endpoints: dict, note: dict, maker: Pro
             "by the bare vLLM as provider, minus the bare vLLM directly"
         )
     return probes
+
+
+async def probe_pairs(
+    first: tuple[str, str],
+    second: tuple[str, str],
+    prompts: list[str],
+    work: Workload,
+    want: Callable[[Sample], str | None],
+) -> dict:
+    """Alternate the same streamed request to (url, model) `first` and `second` at concurrency 1."""
+    import statistics
+
+    from benchmarks.loadgen import make_client
+
+    a, b = make_client(first[0], "", 1, 120), make_client(second[0], "", 1, 120)
+    ttft_d: list[float] = []
+    e2e_d: list[float] = []
+    errors = 0
+    bad: str | None = None
+    try:
+        for prompt in prompts:
+            sa = await one_request(a, first[1], prompt, work, stream=True, want_headers=True)
+            sb = await one_request(b, second[1], prompt, work, stream=True)
+            problem = sa.error or sb.error or want(sa)
+            if problem:
+                errors += 1
+                bad = bad or problem
+                if not ttft_d:  # failing from the start: the feature is not there (yet); don't insist
+                    break
+                continue
+            # A successful answer of only special tokens has no TTFT (report.summarize's no_content): it stops
+            # the probe here.
+            assert sa.ttft is not None and sb.ttft is not None, "a pair without a first token"
+            ttft_d.append((sa.ttft - sb.ttft) * 1000)
+            e2e_d.append((sa.e2e - sb.e2e) * 1000)
+    finally:
+        await a.close()
+        await b.close()
+    if not ttft_d:
+        return {"available": False, "reason": bad or "no successful pair", "errors": errors}
+    return {
+        "available": True,
+        "pairs": len(ttft_d),
+        "errors": errors,
+        "delta_ttft_p50_ms": round(statistics.median(ttft_d), 2),
+        "delta_e2e_p50_ms": round(statistics.median(e2e_d), 2),
+        "delta_ttft_mean_ms": round(statistics.fmean(ttft_d), 2),
+        "first_error": bad,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import statistics
 import psutil
 
 from benchmarks.loadgen import PromptMaker, Workload, run_level
+from serving.backends.affinity import engine_cores
 
 GROUPS = [
     ("ServeReplica:tierserve:tier-", "tier replica"),
@@ -52,7 +53,7 @@ def engine_role(proc: psutil.Process) -> str | None:
     """"engine core", "engine worker" or None, by vLLM's titles or else by process shape. vLLM's setproctitle
     sometimes does not take inside a Ray replica, and the engine's processes then carry their replica's title:
     an engine core is a child of a Serve replica or of vLLM's API server that has children of its own (its
-    workers); a worker is a child of an engine core (serving/affinity.py places them by the same shape)."""
+    workers); a worker is a child of an engine core. The shape is serving/backends/affinity.py's engine_cores."""
     titled = titled_role(_title(proc))
     if titled is not None:
         return titled
@@ -67,7 +68,7 @@ def _is_engine_core(proc: psutil.Process) -> bool:
     if titled is not None:
         return titled == "engine core"
     parent = proc.parent()
-    return parent is not None and any(m in _title(parent) for m in ENGINE_PARENTS) and bool(proc.children())
+    return parent is not None and any(m in _title(parent) for m in ENGINE_PARENTS) and proc in engine_cores(parent)
 
 
 def titled_role(text: str) -> str | None:
@@ -80,13 +81,18 @@ def titled_role(text: str) -> str | None:
 
 
 def _title(proc: psutil.Process) -> str:
-    return " ".join(proc.cmdline()) + " " + proc.name()
+    return process_title(proc.cmdline(), proc.name())
+
+
+def process_title(cmdline: list[str] | None, name: str | None) -> str:
+    """A process's command line and name as one text: vLLM's title may show in either."""
+    return " ".join(cmdline or []) + " " + (name or "")
 
 
 def cpu_by_process() -> dict[int, tuple[str, float]]:
     out: dict[int, tuple[str, float]] = {}
     for proc in psutil.process_iter(["pid", "cmdline", "name"]):
-        cmd = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
+        cmd = process_title(proc.info["cmdline"], proc.info["name"])
         group = next((name for pattern, name in GROUPS if pattern in cmd), None)
         if group is None or "benchmarks.cpucost" in cmd:
             continue

@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from openai import AsyncOpenAI
@@ -85,13 +85,14 @@ class PromptMaker:
         if self.tok is None:
             return " ".join(words[:n])
         ids = self.tok.encode(text, add_special_tokens=False)[:n]
-        out = self.tok.decode(ids)
+        # decode() is typed for batches too; one sequence of ids decodes to one string.
+        out = cast(str, self.tok.decode(ids))
         # Decoding and re-encoding a cut can shift a boundary by a token; trim until it is exactly n.
         for _ in range(8):
             again = self.tok.encode(out, add_special_tokens=False)
             if len(again) <= n:
                 break
-            out = self.tok.decode(again[: n - (len(again) - n)])
+            out = cast(str, self.tok.decode(again[: n - (len(again) - n)]))
         return out
 
 

@@ -230,7 +230,45 @@ def _f(x: Any, nd: int = 1) -> str:
 
 
 def markdown(doc: dict, png: list[Path]) -> str:
+    """The run's .md: its setup, a table per mode, then ratios, targets, cost, probes, idle CPU, plots, notes."""
     meta = doc["meta"]
+    startup = [f"{n}: {_f(s)} s" for n, s in (meta.get("startup_s") or {}).items()]
+    lines = [
+        *_md_setup(meta),
+        *(line for mode, systems in doc["results"].items() for line in _md_results(mode, systems)),
+        *_md_ratios(doc["ratios"]),
+        *_md_targets(doc.get("targets")),
+        *_md_cost(doc["cost"]),
+        *_section("Routing and fallback overhead", [_probe_line(n, p) for n, p in doc["probes"].items()]),
+        *_md_idle(doc.get("idle_cpu") or {}),
+        *(_section("Plots", [f"![{p.stem}]({p.name})" for p in png]) if png else []),
+        *_bullets("Start-up (until the first token)", startup),
+        *_bullets("Notes", meta.get("notes")),
+        *_bullets("Stop problems", meta.get("stop_problems")),
+    ]
+    return "\n".join(lines)
+
+
+def _section(title: str, body: list[str]) -> list[str]:
+    return [f"## {title}", "", *body, ""]
+
+
+def _bullets(title: str, items: list[str] | None) -> list[str]:
+    """A section listing `items`; nothing when there are none."""
+    return _section(title, [f"- {item}" for item in items]) if items else []
+
+
+_COLUMNS = (
+    "Columns: req/s and output tok/s over the level's wall time; TTFT = first content token (streaming "
+    "only); ITL = a request's (last token - first token) / (tokens - 1); max gap = the longest pause "
+    "between streamed chunks of a request (p95 over requests); e2e = whole request. Times in ms. "
+    '"empty": streamed answers whose forced tokens were all special tokens (the random-weight model '
+    "repeats EOS under `ignore_eos`), so no text and no TTFT: successes, left out of the TTFT/ITL columns."
+)
+
+
+def _md_setup(meta: dict) -> list[str]:
+    """Title, command, machine, workload and systems, any re-analysis and noise notes, the columns' key."""
     w = meta["workload"]
     lines = [
         f"# Benchmark {meta['date']} on {meta['machine']}",
@@ -252,128 +290,131 @@ def markdown(doc: dict, png: list[Path]) -> str:
         lines += [f"> **Re-analysed:** {meta['reanalysed']}.", ""]
     if meta.get("noise"):
         lines += [f"> **Noise:** {meta['noise']}", ""]
-    lines += [
-        "Columns: req/s and output tok/s over the level's wall time; TTFT = first content token (streaming "
-        "only); ITL = a request's (last token - first token) / (tokens - 1); max gap = the longest pause "
-        "between streamed chunks of a request (p95 over requests); e2e = whole request. Times in ms. "
-        '"empty": streamed answers whose forced tokens were all special tokens (the random-weight model '
-        "repeats EOS under `ignore_eos`), so no text and no TTFT: successes, left out of the TTFT/ITL columns.",
-        "",
+    return [*lines, _COLUMNS, ""]
+
+
+def _md_results(mode: str, systems: dict) -> list[str]:
+    """One mode's table: a row per level and system, levels ascending, systems in the run's order."""
+    head = (
+        "| system | conc | req/s | out tok/s | TTFT p50 | p95 | p99 | ITL p50 | p95 | max gap p95 "
+        "| e2e p50 | p95 | p99 | errors |"
+    )
+    rows = []
+    for c in sorted({c for lv in systems.values() for c in lv}):
+        for system, levels in systems.items():
+            r = levels.get(c)
+            if r is not None:
+                rows.append(_result_row(system, c, r))
+    return _section(mode, [head, "|---|" + "---:|" * 13, *rows])
+
+
+def _result_row(system: str, c: Any, r: dict) -> str:
+    empty = f" ({n} empty)" if (n := r.get("no_content")) else ""
+    return (
+        f"| {system} | {c} | {_f(r['req_per_s'], 2)} | {_f(r['output_tok_per_s'])} | "
+        f"{_f(r['ttft_ms']['p50'])} | {_f(r['ttft_ms']['p95'])} | {_f(r['ttft_ms']['p99'])} | "
+        f"{_f(r['itl_ms']['p50'], 2)} | {_f(r['itl_ms']['p95'], 2)} | {_f(r['max_chunk_gap_ms']['p95'])} | "
+        f"{_f(r['e2e_ms']['p50'])} | {_f(r['e2e_ms']['p95'])} | {_f(r['e2e_ms']['p99'])} | "
+        f"{r['errors']}/{r['requests']}{empty} |"
+    )
+
+
+def _md_ratios(ratios: dict) -> list[str]:
+    """A table per compared pair and mode; nothing when no pair was measured."""
+    if not ratios:
+        return []
+    key = "Throughput ratio > 1 and TTFT ratio < 1 favour tierserve; Δ = tierserve - other, in ms."
+    lines = _section("Ratios", [key])
+    for name, per_mode in ratios.items():
+        for mode, rows in per_mode.items():
+            lines += [
+                f"### {name}, {mode}",
+                "",
+                "| conc | out tok/s | req/s | TTFT p50 | TTFT p95 | Δ TTFT p50 | Δ TTFT p95 | e2e p50 | e2e p95 |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                *(_ratio_row(c, r) for c, r in rows.items()),
+                "",
+            ]
+    return lines
+
+
+def _ratio_row(c: Any, r: dict) -> str:
+    return (
+        f"| {c} | {_f(r['output_tok_per_s'], 3)} | {_f(r['req_per_s'], 3)} | {_f(r['ttft_p50'], 3)} | "
+        f"{_f(r['ttft_p95'], 3)} | {_f(r['ttft_p50_delta_ms'])} | {_f(r['ttft_p95_delta_ms'])} | "
+        f"{_f(r['e2e_p50'], 3)} | {_f(r['e2e_p95'], 3)} |"
+    )
+
+
+def _md_targets(targets: dict | None) -> list[str]:
+    if not targets:
+        return []
+    checks = [
+        f"- {mode}, {name}: " + ", ".join(f"c={c} {_f(ok)}" for c, ok in per_c.items())
+        for mode, per_mode in targets.items()
+        for name, per_c in per_mode.items()
     ]
-    for mode, systems in doc["results"].items():
-        lines += [f"## {mode}", ""]
-        head = (
-            "| system | conc | req/s | out tok/s | TTFT p50 | p95 | p99 | ITL p50 | p95 | max gap p95 "
-            "| e2e p50 | p95 | p99 | errors |"
-        )
-        lines += [head, "|---|" + "---:|" * 13]
-        cs = sorted({c for lv in systems.values() for c in lv})
-        for c in cs:
-            for system, levels in systems.items():
-                r = levels.get(c)
-                if r is None:
-                    continue
-                lines.append(
-                    f"| {system} | {c} | {_f(r['req_per_s'], 2)} | {_f(r['output_tok_per_s'])} | "
-                    f"{_f(r['ttft_ms']['p50'])} | {_f(r['ttft_ms']['p95'])} | {_f(r['ttft_ms']['p99'])} | "
-                    f"{_f(r['itl_ms']['p50'], 2)} | {_f(r['itl_ms']['p95'], 2)} | {_f(r['max_chunk_gap_ms']['p95'])} | "
-                    f"{_f(r['e2e_ms']['p50'])} | {_f(r['e2e_ms']['p95'])} | {_f(r['e2e_ms']['p99'])} | "
-                    f"{r['errors']}/{r['requests']}{f' ({n} empty)' if (n := r.get('no_content')) else ''} |"
-                )
-        lines.append("")
-    if doc["ratios"]:
-        lines += [
-            "## Ratios",
+    return _section("Targets (issues 8 and 9; reported, not asserted)", checks)
+
+
+def _md_cost(cost: dict) -> list[str]:
+    """Each system's cost per 1M output tokens at its best throughput, then the hosted providers' prices."""
+    rows = [
+        f"| {mode} | {system} | {r['best_concurrency']} | {_f(r['best_output_tok_per_s'])} | "
+        f"{_f(r['usd_per_1m_output_tokens'], 4)} |"
+        for mode, systems in cost["per_mode"].items()
+        for system, r in systems.items()
+    ]
+    if cost.get("hosted"):
+        hosted = [
+            "Hosted providers (models.yaml `providers`):",
             "",
-            "Throughput ratio > 1 and TTFT ratio < 1 favour tierserve; Δ = tierserve - other, in ms.",
-            "",
+            "| provider | USD / 1M output tokens | USD / 1M input tokens |",
+            "|---|---:|---:|",
+            *(f"| {name} | {_f(p['output'], 3)} | {_f(p['input'], 3)} |" for name, p in cost["hosted"].items()),
         ]
-        for name, per_mode in doc["ratios"].items():
-            for mode, rows in per_mode.items():
-                lines += [
-                    f"### {name}, {mode}",
-                    "",
-                    "| conc | out tok/s | req/s | TTFT p50 | TTFT p95 | Δ TTFT p50 | Δ TTFT p95 | e2e p50 | e2e p95 |",
-                    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-                ]
-                for c, r in rows.items():
-                    lines.append(
-                        f"| {c} | {_f(r['output_tok_per_s'], 3)} | {_f(r['req_per_s'], 3)} | {_f(r['ttft_p50'], 3)} | "
-                        f"{_f(r['ttft_p95'], 3)} | {_f(r['ttft_p50_delta_ms'])} | {_f(r['ttft_p95_delta_ms'])} | "
-                        f"{_f(r['e2e_p50'], 3)} | {_f(r['e2e_p95'], 3)} |"
-                    )
-                lines.append("")
-    if doc.get("targets"):
-        lines += ["## Targets (issues 8 and 9; reported, not asserted)", ""]
-        for mode, checks in doc["targets"].items():
-            for name, per_c in checks.items():
-                lines.append(f"- {mode}, {name}: " + ", ".join(f"c={c} {_f(ok)}" for c, ok in per_c.items()))
-        lines.append("")
-    cost = doc["cost"]
-    lines += [
-        "## Cost per 1M output tokens",
-        "",
+    else:
+        hosted = ["Hosted providers: models.yaml lists none with prices yet, so no break-even row."]
+    body = [
         f"At **${cost['gpu_hourly_usd']:.2f}/hour** for the machine ({cost['price_source']}), from the best "
         "measured throughput of each system. On this CPU machine with a tiny model this only shows the method "
         "and the relative cost of each gateway; run it on the GPU VM for real prices.",
         "",
         "| mode | system | best conc | out tok/s | USD / 1M output tokens |",
         "|---|---|---:|---:|---:|",
+        *rows,
+        "",
+        *hosted,
     ]
-    for mode, systems in cost["per_mode"].items():
-        for system, r in systems.items():
-            lines.append(
-                f"| {mode} | {system} | {r['best_concurrency']} | {_f(r['best_output_tok_per_s'])} | "
-                f"{_f(r['usd_per_1m_output_tokens'], 4)} |"
-            )
-    if cost.get("hosted"):
-        lines += [
-            "",
-            "Hosted providers (models.yaml `providers`):",
-            "",
-            "| provider | USD / 1M output tokens | USD / 1M input tokens |",
-            "|---|---:|---:|",
-        ]
-        for name, p in cost["hosted"].items():
-            lines.append(f"| {name} | {_f(p['output'], 3)} | {_f(p['input'], 3)} |")
-    else:
-        lines += ["", "Hosted providers: models.yaml lists none with prices yet, so no break-even row."]
-    lines.append("")
-    lines += ["## Routing and fallback overhead", ""]
-    for name, probe in doc["probes"].items():
-        if probe.get("available"):
-            lines.append(
-                f"- **{name}**: {probe['description']}: Δ TTFT p50 {_f(probe['delta_ttft_p50_ms'])} ms, "
-                f"Δ e2e p50 {_f(probe['delta_e2e_p50_ms'])} ms over {probe['pairs']} pairs "
-                f"(errors {probe['errors']})."
-            )
-        else:
-            lines.append(f"- **{name}**: not available — {probe.get('reason', 'unknown')}")
-    lines.append("")
-    idle = doc.get("idle_cpu") or {}
-    if idle.get("systems"):
-        lines += [
-            f"## Idle CPU ({_f(idle['seconds'], 0)} s after the loads, nothing sent; percent of one core)",
-            "",
-            "What each server takes from the engines on its node while it waits: the gateway is everything but "
-            "the vLLM engine processes (HTTP server, Ray's processes, background pollers).",
-            "",
-            "| system | gateway | engine |",
-            "|---|---:|---:|",
-        ]
-        for name, parts in idle["systems"].items():
-            lines.append(f"| {name} | {_f(parts['gateway_pct_core'], 2)} | {_f(parts['engine_pct_core'], 2)} |")
-        lines.append("")
-    if png:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in png] + [""]
-    if meta.get("startup_s"):
-        lines += ["## Start-up (until the first token)", ""]
-        lines += [f"- {n}: {_f(s)} s" for n, s in meta["startup_s"].items()] + [""]
-    if meta.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
-    if meta.get("stop_problems"):
-        lines += ["## Stop problems", ""] + [f"- {p}" for p in meta["stop_problems"]] + [""]
-    return "\n".join(lines)
+    return _section("Cost per 1M output tokens", body)
+
+
+def _probe_line(name: str, probe: dict) -> str:
+    if not probe.get("available"):
+        return f"- **{name}**: not available — {probe.get('reason', 'unknown')}"
+    return (
+        f"- **{name}**: {probe['description']}: Δ TTFT p50 {_f(probe['delta_ttft_p50_ms'])} ms, "
+        f"Δ e2e p50 {_f(probe['delta_e2e_p50_ms'])} ms over {probe['pairs']} pairs "
+        f"(errors {probe['errors']})."
+    )
+
+
+def _md_idle(idle: dict) -> list[str]:
+    """The idle-CPU table; nothing when the run skipped that reading."""
+    if not idle.get("systems"):
+        return []
+    body = [
+        "What each server takes from the engines on its node while it waits: the gateway is everything but "
+        "the vLLM engine processes (HTTP server, Ray's processes, background pollers).",
+        "",
+        "| system | gateway | engine |",
+        "|---|---:|---:|",
+        *(
+            f"| {name} | {_f(parts['gateway_pct_core'], 2)} | {_f(parts['engine_pct_core'], 2)} |"
+            for name, parts in idle["systems"].items()
+        ),
+    ]
+    return _section(f"Idle CPU ({_f(idle['seconds'], 0)} s after the loads, nothing sent; percent of one core)", body)
 
 
 def write(doc: dict, out_dir: Path, stem_name: str) -> list[Path]:

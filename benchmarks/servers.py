@@ -20,15 +20,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import yaml
 
-from benchmarks.cpucost import engine_role, spent_by_group, titled_role
+from benchmarks.cpucost import engine_role, process_title, spent_by_group, titled_role
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -77,29 +78,26 @@ class Server:
         log.close()
         self.started_at = time.monotonic()
 
-    def snapshot(self) -> None:
-        """Remember every live descendant, so the stop can prove none outlived it."""
+    def _tree(self) -> list[psutil.Process]:
+        """The server's process and all its live descendants ([] before the start or once it is gone)."""
         if self.proc is None:
-            return
+            return []
         try:
             root = psutil.Process(self.proc.pid)
-            for p in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    self.seen[p.pid] = (p.create_time(), " ".join(p.cmdline()[:3]) or p.name())
+            return [root, *root.children(recursive=True)]
         except psutil.Error:
-            pass
+            return []
+
+    def snapshot(self) -> None:
+        """Remember every live descendant, so the stop can prove none outlived it."""
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                self.seen[p.pid] = (p.create_time(), " ".join(p.cmdline()[:3]) or p.name())
 
     def tree_cpu(self) -> dict[int, tuple[str, float]]:
         """CPU seconds (user + system) of each live process of this server: pid -> ("engine" | "gateway", s)."""
-        if self.proc is None:
-            return {}
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return {}
         out = {}
-        for p in procs:
+        for p in self._tree():
             with contextlib.suppress(psutil.Error):
                 times = p.cpu_times()
                 part = "engine" if engine_role(p) else "gateway"
@@ -182,7 +180,9 @@ class Server:
         return out
 
 
-def wait_ready(servers: list[Server], timeout_s: float, tick=None) -> None:
+def wait_ready(
+    servers: list[Server], timeout_s: float, tick: Callable[[str, float], None] | None = None
+) -> None:
     """Poll every server until each generated a token; raises with the logs' tails on timeout or exit."""
     pending = {s.name: s for s in servers}
     deadline = time.monotonic() + timeout_s
@@ -211,23 +211,35 @@ def bin_of(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def bare_vllm(
-    model_dir: Path, served: str, workdir: Path, max_model_len: int, max_num_seqs: int, name: str = "bare"
+def vllm_server(
+    name: str, model_dir: Path, served: str, log_path: Path, max_model_len: int, *options: str,
+    env: dict[str, str] | None = None,
 ) -> Server:
+    """vLLM's own OpenAI server on a free loopback port, on the CPU engine's settings (float32, eager, 1 GiB of
+    KV cache), with more `options` after those. `env`: the environment to start it in (default: child_env())."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", served,
         "--host", LOOPBACK, "--port", str(port),
         "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
-        "--max-num-seqs", str(max_num_seqs), "--seed", "0",
-        "--disable-uvicorn-access-log",
+        *options,
     ]  # fmt: skip
-    return Server(name, cmd, port, served, workdir / f"{name}-vllm.log", child_env(VLLM_CPU_KVCACHE_SPACE="1"))
+    env = child_env() if env is None else env
+    return Server(name, cmd, port, served, log_path, {**env, "VLLM_CPU_KVCACHE_SPACE": "1"})
+
+
+def bare_vllm(
+    model_dir: Path, served: str, workdir: Path, max_model_len: int, max_num_seqs: int, name: str = "bare"
+) -> Server:
+    return vllm_server(
+        name, model_dir, served, workdir / f"{name}-vllm.log", max_model_len,
+        "--max-num-seqs", str(max_num_seqs), "--seed", "0", "--disable-uvicorn-access-log",
+    )  # fmt: skip
 
 
 def colocate(server: Server) -> dict[int, set[int]]:
-    """Place a bare vLLM's engine core the way tierserve places a CPU tier's (serving/affinity.py), so that
+    """Place a bare vLLM's engine core the way tierserve places a CPU tier's (serving/backends/affinity.py), so that
     tierserve against this server measures the gateway alone, without the placement's gain."""
     from serving.backends.affinity import colocate_engine_cores
 
@@ -256,8 +268,8 @@ def tierserve_config(
     """
     engine = {"max_model_len": max_model_len, "dtype": "float32", "enforce_eager": True,
               "max_num_seqs": max_num_seqs, "seed": 0, "quantization": None}  # fmt: skip
-    resources = {"gpus": 0, "cpus": 0.5, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
-    # The one engine on this node: its engine core runs on its worker's cores (serving/affinity.py).
+    resources: dict[str, Any] = {"gpus": 0, "cpus": 0.5, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    # The one engine on this node: its engine core runs on its worker's cores (serving/backends/affinity.py).
     tiers = {
         BENCH_TIER: {"served_name": served, "description": "benchmark tier", "model": {"path": str(model_dir)},
                      "engine": engine, "resources": {**resources, "colocate_engine_core": True},
@@ -370,27 +382,27 @@ def litellm_proxy(served: str, bare_url: str, workdir: Path) -> Server:
 
 def leftover_engines(before: set[int]) -> list[str]:
     """VLLM:: / EngineCore processes alive now that were not alive before the run (others' are not ours)."""
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline", "name", "status"]):
-        try:
-            text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
-        except psutil.Error:
-            continue
-        if p.info["status"] == psutil.STATUS_ZOMBIE:  # exited, only not yet reaped by its parent
-            continue
-        if is_engine(text) and p.info["pid"] not in before:
-            out.append(f"{p.info['pid']}: {text[:80]}")
-    return out
+    return [
+        f"{pid}: {text[:80]}"
+        for pid, text, status in _engine_processes()
+        # a zombie has exited, only not yet been reaped by its parent
+        if status != psutil.STATUS_ZOMBIE and pid not in before
+    ]
 
 
 def engine_pids() -> set[int]:
-    pids = set()
-    for p in psutil.process_iter(["pid", "cmdline", "name"]):
-        with contextlib.suppress(psutil.Error):
-            text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
-            if is_engine(text):
-                pids.add(p.info["pid"])
-    return pids
+    return {pid for pid, _, _ in _engine_processes()}
+
+
+def _engine_processes() -> Iterator[tuple[int, str, str]]:
+    """(pid, title, status) of every vLLM engine process on this machine, zombies included."""
+    for p in psutil.process_iter(["pid", "cmdline", "name", "status"]):
+        try:
+            text = process_title(p.info["cmdline"], p.info["name"])
+        except psutil.Error:
+            continue
+        if is_engine(text):
+            yield p.info["pid"], text, p.info["status"]
 
 
 def is_engine(text: str) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serving.backends.tier import TierServer
+from serving.wire.items import Call
 
 CHUNK = (
     'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
@@ -78,10 +79,10 @@ async def per_chunk_us(coalesce: bool, streams: int, tokens: int, rounds: int) -
     steps = Steps()
     stepping = asyncio.create_task(steps.run())
     server = _Server(steps, tokens)
-    body = {"stream_options": {"include_usage": True}}
+    call = Call("chat", {"stream_options": {"include_usage": True}}, "bench")
 
     async def one() -> None:
-        async for _ in TierServer.stream(server, "chat", body, None, coalesce):  # type: ignore[arg-type]
+        async for _ in TierServer.stream(server, call, coalesce):  # type: ignore[arg-type]
             pass
 
     start = time.process_time()

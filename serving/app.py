@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from serving.api.ingress import Ingress, api
 from serving.backends.fallback import FallbackServer
@@ -54,6 +54,12 @@ def engine_actor_options(res: Resources, cpus: float = 0.0) -> dict[str, Any]:
     return options
 
 
+def deployment(cls: type) -> Deployment:
+    """`serve.deployment` of a class (its typing picks the decorator-factory overload for a bare class)."""
+    made: Deployment = serve.deployment(cls)  # type: ignore[assignment]
+    return made
+
+
 def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
     res = tier.resources
     actor_options = engine_actor_options(res)
@@ -70,7 +76,7 @@ def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = tier.replicas.min
-    return serve.deployment(TierServer).options(**options).bind(name, tier, str(cache_dir))
+    return deployment(TierServer).options(**options).bind(name, tier, str(cache_dir))
 
 
 def build(config: AppConfig, cache_dir: Path, state_dir: Path) -> Application:
@@ -79,11 +85,11 @@ def build(config: AppConfig, cache_dir: Path, state_dir: Path) -> Application:
     fallback = None
     if config.providers:
         # One replica: breakers and budgets are this process's state (budgets persisted in SQLite).
-        fallback = serve.deployment(FallbackServer).options(
+        fallback = deployment(FallbackServer).options(
             name="fallback", num_replicas=1, max_ongoing_requests=config.ingress.max_ongoing_requests,
             ray_actor_options={"num_cpus": 0},
         ).bind(config, str(state_dir))
-    ingress = serve.deployment(serve.ingress(api)(Ingress)).options(**ingress_options(config))
+    ingress = deployment(serve.ingress(api)(Ingress)).options(**ingress_options(config))
     return ingress.bind(config, tiers, fallback, str(state_dir), AuthSettings(), str(cache_dir))
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import copy
 from datetime import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TIER_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
+# The generation endpoints a request can be for, a tier serves and a provider may speak: their one home.
+Endpoint = Literal["chat", "completion"]
+ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
 RESERVED_NAMES = frozenset({"auto"})
 
 
@@ -131,13 +134,13 @@ class Tier(Strict):
     engine: EngineArgs = EngineArgs()
     resources: Resources = Resources()
     replicas: Replicas = Replicas()
-    # Defined further down (issue 4 models are appended); the factories keep the names resolvable.
+    # Defined further down; the factories keep the names resolvable.
     overflow: OverflowPolicy = Field(default_factory=lambda: OverflowPolicy())
     cost_per_gpu_hour_usd: Annotated[float, Field(ge=0)] | None = None  # to compare local cost with providers
     # What an hour of this tier costs (its share of the node); None: cost_per_gpu_hour_usd x resources.gpus.
     # Charged to API keys per request-second (serving/admission.py).
     cost_per_hour_usd: Annotated[float, Field(ge=0)] | None = None
-    # Largest max_tokens a request may ask of this tier (issue 6); None: the tier's engine.max_model_len.
+    # Largest max_tokens a request may ask of this tier; None: the tier's engine.max_model_len.
     max_tokens_cap: Annotated[int, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
@@ -177,7 +180,7 @@ class AppConfig(Strict):
     ingress: IngressConfig = IngressConfig()
     providers: list[Provider] = Field(default_factory=list)
     routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
-    auth: AuthConfig = Field(default_factory=lambda: AuthConfig())  # issue 6
+    auth: AuthConfig = Field(default_factory=lambda: AuthConfig())
     limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
 
     @model_validator(mode="after")
@@ -364,11 +367,10 @@ def validate_file(path: str | Path) -> list[str]:
 
 
 
-# -- routing, overflow and external providers (issue 4) ---------------------------------------------------
+# -- routing, overflow and external providers -------------------------------------------------------------
 
 ENV_VAR_NAME = r"^[A-Z_][A-Z0-9_]*$"  # upper case only: a pasted key (`sk-...`) fails here, not in a log
 ProviderKind = Literal["openai", "anthropic", "gradient", "ollama", "vllm", "tierserve"]
-Endpoint = Literal["chat", "completion"]
 
 
 class Provider(Strict):
@@ -382,7 +384,7 @@ class Provider(Strict):
     )
     models: dict[str, str] = Field(default_factory=dict, description="tier -> upstream model name")
     default_model: str | None = Field(None, description="upstream model for tiers not in `models`")
-    endpoints: list[Endpoint] = Field(default_factory=lambda: ["chat", "completion"])
+    endpoints: list[Endpoint] = Field(default_factory=lambda: list(ENDPOINTS))
     max_context: Annotated[int, Field(gt=0)] = 8192
     timeout_connect_s: Annotated[float, Field(gt=0)] = 15
     timeout_read_s: Annotated[float, Field(gt=0)] = 15  # the longest silence between bytes, streams included
@@ -463,7 +465,7 @@ class OverflowPolicy(Strict):
     max_cold_wait_s: Annotated[float, Field(gt=0)] = 120  # `wait`: then the next candidate is tried
 
 
-# -- API keys and input limits (issue 6) ------------------------------------------------------------------
+# -- API keys and input limits ----------------------------------------------------------------------------
 
 
 class AuthConfig(Strict):
@@ -487,7 +489,6 @@ class LimitsConfig(Strict):
     max_n: Annotated[int, Field(gt=0)] = 4
     # Default max_tokens cap for tiers without `max_tokens_cap`; None: the tier's engine.max_model_len.
     max_tokens_cap: Annotated[int, Field(gt=0)] | None = None
-    request_timeout_s: Annotated[float, Field(gt=0)] | None = None  # None: ingress.request_timeout_s
     body_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # a slow upload is cut (408) after this
     strict_params: bool = True  # unknown top-level request fields are a 400, not silently ignored
     extra_params: list[str] = Field(default_factory=list, description="more top-level fields to accept")

@@ -27,6 +27,7 @@ import psutil
 import pytest
 import yaml
 
+from serving.backends.affinity import engine_cores
 from serving.config import deep_merge
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ TEST_OVERLAY = {
     # every test that spans the tiers covers both request paths.
     "ingress": {"embed_tier": "reasoning"},
     "tiers": {
-        # Its engine core on its worker's cores (serving/affinity.py); the others keep vLLM's placement.
+        # Its engine core on its worker's cores (serving/backends/affinity.py); the others keep vLLM's placement.
         "coder": {"resources": {"cpus": 0.25, "colocate_engine_core": True}},
         # A price per hour, so a key's budget can run out on a local tier: $1 per request-millisecond.
         "reasoning": {"resources": {"cpus": 0.25}, "cost_per_hour_usd": 3_600_000,
@@ -101,17 +102,18 @@ class Upstream:
     """Bare vLLM's own OpenAI server on the tiny model: the fallback providers' real upstream."""
 
     def __init__(self, log_path: Path) -> None:
+        # Imported here: the benchmark's modules pull in the OpenAI client, which most tests don't need.
+        from benchmarks.servers import vllm_server
         from serving.backends.tinymodel import cached_tiny_model
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         model = cached_tiny_model(Path.home() / ".cache" / "tierserve", 3)
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--served-model-name", UPSTREAM_MODEL, "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(self.port)]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        self.log = open(log_path, "w")  # lives as long as the server
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        # The test's own environment, unlike the benchmark's child_env().
+        server = vllm_server("upstream", model, UPSTREAM_MODEL, log_path, 2048, env=dict(os.environ))
+        server.start()
+        assert server.proc is not None
+        self.proc: subprocess.Popen = server.proc
+        self.port = server.port
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def wait(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -133,7 +135,6 @@ class Upstream:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
 
 
 @pytest.fixture(scope="session")
@@ -205,12 +206,11 @@ def replica_process(deployment: str) -> psutil.Process:
 
 
 def engine_core_under(deployment: str) -> psutil.Process:
-    """The replica's vLLM engine core: its child that has children (the workers). Not by the title
-    VLLM::EngineCore, which vLLM's setproctitle call sometimes fails to set inside a Ray replica."""
-    for child in replica_process(deployment).children():
-        if child.children():
-            return child
-    raise LookupError(f"no engine core process under the {deployment} replica")
+    """The replica's vLLM engine core, found by shape (serving/backends/affinity.py's engine_cores)."""
+    cores = engine_cores(replica_process(deployment))
+    if not cores:
+        raise LookupError(f"no engine core process under the {deployment} replica")
+    return next(iter(cores))
 
 
 def engine_core_placement(deployment: str) -> tuple[set[int], list[set[int]]]:

@@ -42,18 +42,30 @@ def colocate_engine_cores(root: psutil.Process | None = None) -> dict[int, set[i
     """Move each vLLM engine core started by `root` (default: this process, which holds the AsyncLLM) onto
     the CPUs its workers are bound to. Returns {engine core pid: cpus} for those moved.
 
-    Found by shape, not by name: an engine core is a child of `root` whose own children (the workers) are
-    bound to fewer CPUs than it may use. vLLM's process titles (VLLM::EngineCore, VLLM::Worker) can't be relied
-    on: inside a Ray replica they were missing in some runs. An engine core with no worker process (in-process
-    executor), or whose workers may run wherever it may, is left as it is."""
-    root = root or psutil.Process()
+    Only an engine core (found by shape: engine_cores) whose workers are bound to fewer CPUs than it may use is
+    moved. An engine core with no worker process (in-process executor), or whose workers may run wherever it
+    may, is left as it is."""
     moved: dict[int, set[int]] = {}
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for proc in root.children():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                free = set(proc.cpu_affinity())
-                bound = [set(child.cpu_affinity()) for child in proc.children()]
-                cpus = set().union(*(b for b in bound if b < free))
-                if cpus and pin_threads(proc.pid, cpus):
-                    moved[proc.pid] = cpus
+    for proc, workers in engine_cores(root or psutil.Process()).items():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            free = set(proc.cpu_affinity())
+            bound = [set(worker.cpu_affinity()) for worker in workers]
+            cpus = set().union(*(b for b in bound if b < free))
+            if cpus and pin_threads(proc.pid, cpus):
+                moved[proc.pid] = cpus
     return moved
+
+
+def engine_cores(parent: psutil.Process) -> dict[psutil.Process, list[psutil.Process]]:
+    """The vLLM engine cores `parent` started, each with its workers, found by shape: an engine core is a child
+    of `parent` that has children of its own (its workers). `parent` is whatever holds the engine: the process
+    with the AsyncLLM, a Serve replica, vLLM's API server. Not by vLLM's process titles (VLLM::EngineCore,
+    VLLM::Worker): inside a Ray replica they were missing in some runs. Processes that end meanwhile are left
+    out."""
+    cores: dict[psutil.Process, list[psutil.Process]] = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in parent.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if workers := child.children():
+                    cores[child] = workers
+    return cores

@@ -1,4 +1,4 @@
-"""Circuit breakers for tiers and providers: pure state machines with an injected clock.
+"""Circuit breakers for providers: pure state machines with an injected clock.
 
 closed --N consecutive failures--> open --cooldown--> half-open --probe ok--> closed
                                      ^                    |
@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 State = Literal["closed", "open", "half_open"]
-Kind = Literal["tier", "provider"]
 
 
 class Breaker:
@@ -150,7 +149,7 @@ class Breaker:
 
 
 class BreakerRegistry:
-    """Breakers by (kind, name), created on first use with the same settings and clocks."""
+    """Breakers by name, created on first use with the same settings and clocks."""
 
     def __init__(
         self,
@@ -164,7 +163,7 @@ class BreakerRegistry:
         self.settings = {"failures": failures, "cooldown_s": cooldown_s, "probe_timeout_s": probe_timeout_s}
         self.clock = clock
         self.wall = wall
-        self.breakers: dict[tuple[Kind, str], Breaker] = {}
+        self.breakers: dict[str, Breaker] = {}
 
     @classmethod
     def from_config(
@@ -179,22 +178,15 @@ class BreakerRegistry:
             wall=wall,
         )
 
-    def get(self, kind: Kind, name: str) -> Breaker:
-        breaker = self.breakers.get((kind, name))
+    def get(self, name: str) -> Breaker:
+        breaker = self.breakers.get(name)
         if breaker is None:
-            breaker = Breaker(f"{kind}:{name}", clock=self.clock, wall=self.wall, **self.settings)
-            self.breakers[(kind, name)] = breaker
+            s = self.settings
+            breaker = Breaker(name, failures=int(s["failures"]), cooldown_s=s["cooldown_s"],
+                              probe_timeout_s=s["probe_timeout_s"], clock=self.clock, wall=self.wall)
+            self.breakers[name] = breaker
         return breaker
 
-    def tier(self, name: str) -> Breaker:
-        return self.get("tier", name)
-
-    def provider(self, name: str) -> Breaker:
-        return self.get("provider", name)
-
-    def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """The body of `GET /health/providers`: {"providers": {name: ...}, "tiers": {name: ...}}."""
-        out: dict[str, dict[str, dict[str, Any]]] = {"providers": {}, "tiers": {}}
-        for (kind, name), breaker in sorted(self.breakers.items()):
-            out["providers" if kind == "provider" else "tiers"][name] = breaker.snapshot()
-        return out
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Each breaker's state, by name."""
+        return {name: breaker.snapshot() for name, breaker in sorted(self.breakers.items())}

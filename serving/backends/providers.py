@@ -23,7 +23,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,23 +31,16 @@ import httpx
 import orjson
 
 from serving.backends.breaker import Breaker
-from serving.config import Provider
+from serving.config import Endpoint, Provider
 from serving.spend.ledger import Budget
-from serving.wire.errors import APIError
+from serving.wire.errors import APIError, retry_after
+from serving.wire.items import Usage
+from serving.wire.sse import is_done, is_error_event, with_usage
 
-Endpoint = Literal["chat", "completion"]
-Result = Literal["ok", "failed", "client_error", "cancelled"]
-PATHS = {"chat": "/chat/completions", "completion": "/completions"}
+Verdict = Literal["ok", "failed", "client_error", "cancelled"]  # what a call tells the provider's breaker
+PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completion": "/completions"}
 CLIENT_ERRORS = frozenset({400, 413, 422})  # the request's fault: another attempt or provider won't help
 NO_RETRY_SAME = frozenset({401, 403, 404})  # the provider's config (key, model): fail over, don't retry it
-DONE = b"data: [DONE]"
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    estimated: bool = False  # the stream ended before the upstream's usage chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +49,7 @@ class Outcome:
     tier: str
     endpoint: str
     stream: bool
-    result: Result
+    result: Verdict
     attempts: int
     latency_s: float | None  # to the first event (stream) or the whole answer
     usage: Usage | None
@@ -77,7 +70,7 @@ class UpstreamError(APIError):
     """The provider could not start an answer (all attempts spent): fail over to the next candidate."""
 
     def __init__(self, status: int, message: str, *, attempts: int, retry_after_s: float | None = None) -> None:
-        headers = {"retry-after": str(max(1, round(retry_after_s)))} if retry_after_s else None
+        headers = retry_after(retry_after_s) if retry_after_s else None
         super().__init__(status, message, code="upstream_unavailable" if status >= 500 else None, headers=headers)
         self.attempts = attempts
 
@@ -100,10 +93,11 @@ class Streaming:
     reported once (a stream dropped before its first iteration counts as cancelled).
     """
 
-    def __init__(self, events: AsyncIterator[bytes], attempts: int, abandon: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, attempts: int, abandon: Callable[[], Awaitable[None]]) -> None:
         self.status = 200
         self.attempts = attempts
-        self._events = events
+        self.events: AsyncGenerator[bytes, None] | None = None  # set by the client once the stream is open
+        self.usage: Usage | None = None  # the upstream's usage (or an estimate), once the stream has ended
         self._abandon = abandon
         self._started = False
 
@@ -112,13 +106,15 @@ class Streaming:
 
     async def __anext__(self) -> bytes:
         self._started = True
-        return await self._events.__anext__()
+        assert self.events is not None
+        return await self.events.__anext__()
 
     async def aclose(self) -> None:
         if not self._started:
             self._started = True
             await self._abandon()
-        await self._events.aclose()  # type: ignore[attr-defined]
+        if self.events is not None:
+            await self.events.aclose()
 
 
 class ProviderClient:
@@ -184,11 +180,10 @@ class ProviderClient:
         client_usage = False
         if not stream:
             payload.pop("stream_options", None)  # vLLM answers 400 to stream_options without stream
+        elif self.provider.stream_usage:
+            payload, client_usage = with_usage(payload)
         else:
-            options = body.get("stream_options")
-            client_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            if self.provider.stream_usage:
-                payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            client_usage = True  # nothing asked on the client's behalf, so nothing to hide from it
         url = self.base_url + PATHS[endpoint]
         started = self.clock()
         deadline = started + self.provider.timeout_total_s
@@ -207,18 +202,22 @@ class ProviderClient:
                 except _Retry as exc:
                     last = exc
                 else:
-                    relay = self._relay(events, first, tier, endpoint, attempts, started, prompt_tokens, client_usage)
-
                     async def abandon(events: _Events = events, n: int = attempts) -> None:
                         await events.close()
-                        self._report(tier, endpoint, True, "cancelled", n, None, Usage(prompt_tokens, 0, True), None)
+                        cut = Usage(prompt_tokens, 0, estimated=True)
+                        self._report(tier, endpoint, True, "cancelled", n, None, cut, None)
 
-                    return Streaming(relay, attempts, abandon)
+                    streaming = Streaming(attempts, abandon)
+                    streaming.events = self._relay(
+                        events, first, tier, endpoint, attempts, started, prompt_tokens, client_usage, streaming
+                    )
+                    return streaming
                 if not self._again(last, attempts, deadline):
                     break
                 await self.sleep(self._backoff(attempts, last, deadline))
         except asyncio.CancelledError:  # the client went away before an answer
-            self._report(tier, endpoint, stream, "cancelled", attempts, None, Usage(prompt_tokens, 0, True), None)
+            cut = Usage(prompt_tokens, 0, estimated=True)
+            self._report(tier, endpoint, stream, "cancelled", attempts, None, cut, None)
             raise
         except _ClientError as exc:
             self._report(tier, endpoint, stream, "client_error", attempts, self.clock() - started, None, None)
@@ -296,7 +295,7 @@ class ProviderClient:
         if first is None:
             await events.close()
             raise _Retry(502, "upstream ended the stream before its first event")
-        if first.startswith(b'data: {"error"'):
+        if is_error_event(first):
             await events.close()
             raise _Retry(502, f"upstream error event before the first token: {_error_message(first[6:])}")
         return first
@@ -311,26 +310,27 @@ class ProviderClient:
         started: float,
         prompt_tokens: int,
         client_usage: bool,
-    ) -> AsyncIterator[bytes]:
+        into: Streaming,
+    ) -> AsyncGenerator[bytes, None]:
         ttfb = self.clock() - started
         usage: Usage | None = None
         chunks = 0  # content events: the completion estimate when no usage arrives
         error: str | None = None
-        result: Result = "ok"
+        result: Verdict = "ok"
         event: bytes | None = first
         try:
             while event is not None:
-                if event.startswith(DONE):
+                if is_done(event):
                     yield event
                     break
-                if event.startswith(b'data: {"error"'):
+                if is_error_event(event):
                     error = f"upstream error event mid-stream: {_error_message(event[6:])}"
                     break
                 if b'"usage":{' in event or b'"usage": {' in event:
                     parsed = _json(event[6:])
                     found = _usage(parsed.get("usage")) if parsed else None
                     usage = found or usage
-                    if found and not parsed.get("choices") and not client_usage:
+                    if found and parsed is not None and not parsed.get("choices") and not client_usage:
                         event = await events.next()
                         continue  # asked for accounting only
                 else:
@@ -351,6 +351,7 @@ class ProviderClient:
             if result != "cancelled" and error is not None:
                 result = "failed"
             final = usage or Usage(prompt_tokens, chunks, estimated=True)
+            into.usage = final
             self._report(tier, endpoint, True, result, attempts, ttfb, final, error)
         if error is not None:
             yield APIError(502, f"provider {self.provider.name}: {error}", code="upstream_stream_error").sse()
@@ -362,7 +363,7 @@ class ProviderClient:
         tier: str,
         endpoint: str,
         stream: bool,
-        result: Result,
+        result: Verdict,
         attempts: int,
         latency_s: float | None,
         usage: Usage | None,

@@ -1,71 +1,36 @@
 """The tier deployment: each replica owns one vLLM AsyncLLM engine in-process.
 
 vLLM's own OpenAI serving classes do the chat templating, sampling-parameter conversion and response /
-chunk types; this module only adapts them to Ray Serve: a request body in, either one JSON body or a
-stream of SSE bytes out, every error in our one envelope.
+chunk types; this module only adapts them to the backend interface (serving/wire/backend.py): a `Call` in,
+either one `Result` or a stream of SSE bytes and a closing `Usage` out, every error in our one envelope.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from functools import partial
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from serving.backends.affinity import colocate_engine_cores
-from serving.config import Tier
+from serving.config import ENDPOINTS, Tier
 from serving.ops.metrics import engine_metrics_text, engine_waiting
 from serving.ops.tracing import Tracing
 from serving.wire.errors import APIError, from_validation_errors, from_vllm_error
+from serving.wire.items import Call, Result, StreamItem, Usage
+from serving.wire.sse import DONE, DONE_TEXT, is_error_event, with_usage
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("chat", "completion")
-DONE = b"data: [DONE]\n\n"
-DONE_TEXT = DONE.decode()
 USAGE_CHUNK_PREFIX = 'data: {"id":'  # vLLM's chunks; the usage-only one has `"choices":[]`
-
-
-class Result:
-    """A non-streamed answer: status, the JSON body bytes (serialised once, in the replica), token usage."""
-
-    __slots__ = ("body", "completion_tokens", "cost_usd", "failover", "prompt_tokens", "retry_after", "status")
-
-    def __init__(self, status: int, body: bytes, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        self.status = status
-        self.body = body
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = completion_tokens
-        self.cost_usd = 0.0
-        self.failover = False  # no answer was started: the ingress may try its next candidate
-        self.retry_after: str | None = None
-
-    @classmethod
-    def error(cls, exc: APIError) -> Result:
-        result = cls(exc.status, exc.json())
-        result.failover = exc.status >= 500  # the engine failed, not the request: another target may answer
-        return result
-
-
-class Usage:
-    """The last item of a stream: its token counts, for metrics and budgets (never sent to the client)."""
-
-    __slots__ = ("completion_tokens", "cost_usd", "prompt_tokens")
-
-    def __init__(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = completion_tokens
-        self.cost_usd = 0.0
 
 
 def engine_args(tier: Tier, model_path: Path) -> Any:
@@ -113,7 +78,7 @@ class TierServer:
         os.environ.update(tier.resources.env)
         model_path = resolve(tier.model, Path(cache_dir))
         log.info("tier %s: starting engine for %s", tier_name, model_path)
-        self.engine = AsyncLLM.from_engine_args(engine_args(tier, model_path))
+        self.engine: Any = AsyncLLM.from_engine_args(engine_args(tier, model_path))  # None once shut down
         if tier.resources.colocate_engine_core and tier.resources.gpus == 0:
             for pid, cpus in colocate_engine_cores().items():
                 log.info("tier %s: engine core %d runs on its worker's CPUs %s", tier_name, pid, sorted(cpus))
@@ -128,7 +93,7 @@ class TierServer:
             chat_template=None,
             chat_template_content_format="auto",
         )
-        self.serving = {
+        self.serving: dict[str, Any] = {
             "chat": OpenAIServingChat(
                 self.engine,
                 models,
@@ -142,7 +107,8 @@ class TierServer:
                 self.engine, models, online_renderer=renderer, request_logger=None
             ),
         }
-        self.request_types = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
+        self.request_types: dict[str, type[BaseModel]] = {"chat": ChatCompletionRequest,
+                                                          "completion": CompletionRequest}
         self.replica_id = _replica_id()
         self.gpus: Any = None  # GpuCollector, made on first use (NVML init once per replica)
 
@@ -201,9 +167,9 @@ class TierServer:
             error["message"] = f"tier {self.tier_name}: engine failure: {error.get('message')}"
         return from_vllm_error(error)
 
-    async def complete(self, endpoint: str, body: dict[str, Any], trace: dict[str, str] | None = None) -> Result:
-        with self.tracing.span("tierserve.tier", parent=trace, tier=self.tier_name, endpoint=endpoint):
-            return await self._complete(endpoint, body)
+    async def complete(self, call: Call) -> Result:
+        with self.tracing.span("tierserve.tier", parent=call.trace, tier=self.tier_name, endpoint=call.endpoint):
+            return await self._complete(call.endpoint, call.body)
 
     async def _complete(self, endpoint: str, body: dict[str, Any]) -> Result:
         try:
@@ -214,21 +180,17 @@ class TierServer:
             return Result.error(APIError(400, "stream=true must use the streaming path", param="stream"))
         usage = result.usage
         # NON_STR_KEYS: `prompt_logprobs` are keyed by token id; JSON writes those keys as strings (as vLLM does).
-        body = orjson.dumps(result.model_dump(exclude_none=True), option=orjson.OPT_NON_STR_KEYS)
-        return Result(200, body, usage.prompt_tokens, usage.completion_tokens or 0)
+        data = orjson.dumps(result.model_dump(exclude_none=True), option=orjson.OPT_NON_STR_KEYS)
+        return Result(200, data, Usage(usage.prompt_tokens, usage.completion_tokens or 0))
 
-    async def stream(
-        self, endpoint: str, body: dict[str, Any], trace: dict[str, str] | None = None, coalesce: bool = True
-    ) -> AsyncIterator[bytes | Result | Usage]:
+    async def stream(self, call: Call, coalesce: bool = True) -> AsyncIterator[StreamItem]:
         """Yield an error Result alone, or SSE bytes, then a Usage, then `[DONE]`. `coalesce` (the Ray path)
         sends the chunks already produced together, so a busy engine costs fewer Ray object transfers without
         delaying any token; an embedded tier (LocalTier) passes each chunk straight on, with no task hop."""
-        with self.tracing.span("tierserve.tier", parent=trace, tier=self.tier_name, endpoint=endpoint, stream=True):
-            options = body.get("stream_options")
-            client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            if options is None or isinstance(options, dict):
-                # Always ask vLLM for the final usage chunk: metrics and budgets count streamed tokens too.
-                body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+        endpoint = call.endpoint
+        with self.tracing.span("tierserve.tier", parent=call.trace, tier=self.tier_name, endpoint=endpoint,
+                               stream=True):
+            body, client_wants_usage = with_usage(call.body)
             try:
                 result = await self._start(endpoint, body)
             except APIError as exc:
@@ -244,7 +206,9 @@ class TierServer:
                 async for item in items:
                     yield item
 
-    async def _items(self, result: AsyncIterator[str], client_wants_usage: bool) -> AsyncIterator[bytes | Usage]:
+    async def _items(
+        self, result: AsyncGenerator[str, None], client_wants_usage: bool
+    ) -> AsyncGenerator[bytes | Usage, None]:
         """vLLM's SSE strings as bytes, with the usage as a Usage item after the data and before `[DONE]` (a
         client hangs up on [DONE], and anything still owed after it turns a finished response into a
         cancelled one). Closing this generator closes vLLM's, which aborts the request in the engine."""
@@ -326,101 +290,6 @@ class TierServer:
         self.shutdown()
 
 
-class LocalTier:
-    """A TierServer in the caller's own process, called the way a Ray Serve handle is
-    (`tier.complete.remote(...)`, `tier.options(stream=True).stream.remote(...)`), so the ingress has one
-    request path for embedded and remote tiers. A call is a task on the running loop: no thread, no copy,
-    no serialisation."""
-
-    def __init__(self, server: TierServer, make: Callable[[], TierServer]) -> None:
-        self.server = server
-        self.make = make  # builds a new TierServer (blocking: it loads the model)
-        self.replacing: asyncio.Future[None] | None = None
-        self.replacements = 0
-
-    def running(self) -> int:
-        return self.server.running()
-
-    async def check_health(self) -> None:
-        """The embedding replica's health check. A dead engine is replaced in place, in the background: the
-        gateway and the other tiers keep serving, and this tier's requests go where its overflow policy says
-        until the new engine is up. Only a replacement that fails fails the check (Ray then replaces the
-        whole replica)."""
-        if self.replacing is not None:
-            if not self.replacing.done():
-                return
-            done, self.replacing = self.replacing, None
-            done.result()
-        try:
-            await self.server.check_health()
-        except Exception as exc:
-            log.error("tier %s: engine is dead (%s); starting a new one in this replica", self.server.tier_name, exc)
-            self.replacing = asyncio.ensure_future(self._replace())
-
-    async def _replace(self) -> None:
-        await asyncio.to_thread(self.server.shutdown)
-        self.server = await asyncio.to_thread(self.make)
-        self.replacements += 1
-        log.info("tier %s: new engine ready (replacement %d)", self.server.tier_name, self.replacements)
-
-    def options(self, *, stream: bool = False) -> LocalTier:
-        return self
-
-    def __getattr__(self, name: str) -> _LocalMethod:
-        if name.startswith("_") or name not in TIER_METHODS:
-            raise AttributeError(name)
-        if name == "stream":  # in process: no Ray transfer per chunk to save, so no coalescing task either
-            return _LocalMethod(partial(self.server.stream, coalesce=False))
-        return _LocalMethod(getattr(self.server, name))
-
-
-TIER_METHODS = frozenset({"complete", "stream", "probe", "engine_metrics", "waiting", "gpu_snapshot"})
-
-
-class _LocalMethod:
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        if inspect.isasyncgenfunction(self.fn):
-            return LocalStream(self.fn(*args))
-        if inspect.iscoroutinefunction(self.fn):
-            return asyncio.ensure_future(self.fn(*args))
-        return asyncio.ensure_future(asyncio.to_thread(self.fn, *args))  # NVML and registry reads may block
-
-
-class LocalStream:
-    """An in-process stream with a handle's `cancel()`: closing it aborts the request in the engine."""
-
-    __slots__ = ("gen",)
-
-    def __init__(self, gen: AsyncIterator[Any]) -> None:
-        self.gen = gen
-
-    def __aiter__(self) -> LocalStream:
-        return self
-
-    def __anext__(self) -> Any:
-        return self.gen.__anext__()
-
-    def cancel(self) -> None:
-        task = asyncio.ensure_future(_close(self.gen))
-        _closing.add(task)  # the loop holds tasks weakly
-        task.add_done_callback(_closing.discard)
-
-
-_closing: set[asyncio.Future[None]] = set()
-
-
-async def _close(gen: Any) -> None:
-    # The generator's own `finally` aborts the engine request. One that is mid-step was already closed by its
-    # cancelled step (aclose() then says "already running").
-    with contextlib.suppress(RuntimeError):
-        await gen.aclose()
-
-
 def reap_children(grace_s: float = 5.0) -> None:
     """Terminate, then kill, whatever processes this replica started and left behind."""
     import psutil
@@ -457,7 +326,7 @@ def _culprit(request_type: Any, body: dict[str, Any]) -> str | None:
     return None
 
 
-async def _coalesced(items: AsyncIterator[bytes | Usage]) -> AsyncIterator[bytes | Usage]:
+async def _coalesced(items: AsyncIterator[bytes | Usage]) -> AsyncGenerator[bytes | Usage, None]:
     """The same items, with SSE bytes already waiting joined into one: a pump task reads ahead into a queue."""
     queue: asyncio.Queue[bytes | Usage | None] = asyncio.Queue()
 
@@ -493,7 +362,7 @@ async def _coalesced(items: AsyncIterator[bytes | Usage]) -> AsyncIterator[bytes
 
 def _translate_sse(chunk: str) -> bytes:
     """vLLM writes in-stream errors with an int `code`; rewrite those into our envelope."""
-    if chunk.startswith('data: {"error"'):
+    if is_error_event(chunk):
         try:
             error = orjson.loads(chunk[6:].strip())["error"]
             return from_vllm_error(error).sse()

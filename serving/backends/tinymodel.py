@@ -86,7 +86,7 @@ def _write(out: Path, seed: int) -> None:
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
-        torch_dtype="float32",
+        torch_dtype="float32",  # type: ignore[call-arg]  # a PretrainedConfig kwarg the stubs don't list
     )
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     (out / MARKER).write_text(json.dumps({"seed": seed, "vocab_size": len(fast)}, sort_keys=True) + "\n")

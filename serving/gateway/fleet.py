@@ -10,17 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from prometheus_client.core import Metric
 
-from serving.backends.tier import LocalTier
 from serving.config import AppConfig
-from serving.gateway.router import ProviderState, TierState
+from serving.gateway.router import TierState
 from serving.ops.gpu import GpuSnapshot
 from serving.ops.metrics import RequestMetrics, estimate_wait_s, relabel, waiting_in
+from serving.wire.backend import TierBackend
+from serving.wire.items import ProviderState
 
 log = logging.getLogger(__name__)
+
+
+class Running(Protocol):
+    def running(self) -> int: ...
+
 FANOUT_TIMEOUT_S = 5.0
 STATE_TTL_S = 1.0  # provider states, and replica counts while replicas change, are at most this old
 # Replica counts when every replica is RUNNING: steady state needs them rarely, and a failed tier call or a
@@ -30,11 +37,14 @@ ENGINE_STATS_EVERY = 5  # refreshes between reads of the engines' waiting counts
 
 
 class Fleet:
-    def __init__(self, config: AppConfig, tiers: dict[str, Any], app_name: str) -> None:
+    def __init__(
+        self, config: AppConfig, tiers: Mapping[str, TierBackend], app_name: str,
+        local: Mapping[str, Running] | None = None,
+    ) -> None:
         self.config = config
         self.tiers = tiers
         # Tiers whose engine is in this process (ingress.embed_tier): counted here, not by the controller.
-        self.local = {name: t for name, t in tiers.items() if isinstance(t, LocalTier)}
+        self.local = dict(local or {})
         self.app_name = app_name
         self.engine_families: list[Metric] = []
         self.gpu_snapshots: list[GpuSnapshot] = []
@@ -157,7 +167,7 @@ class Fleet:
 
     async def fanout(self, method: str) -> dict[str, Any]:
         tiers = await self.awake_tiers()
-        calls = [asyncio.wait_for(getattr(self.tiers[t], method).remote(), FANOUT_TIMEOUT_S) for t in tiers]
+        calls = [asyncio.wait_for(getattr(self.tiers[t], method)(), FANOUT_TIMEOUT_S) for t in tiers]
         results = await asyncio.gather(*calls, return_exceptions=True)
         return {t: r for t, r in zip(tiers, results, strict=True) if not isinstance(r, BaseException)}
 

@@ -23,10 +23,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from serving.config import AppConfig, LimitsConfig, Tier
+from serving.config import ENDPOINTS, LimitsConfig, Tier
 from serving.wire.errors import APIError
 
-ENDPOINTS = ("chat", "completion")
 _INT64_MAX = 2**63 - 1
 
 # The OpenAI API's request fields (platform.openai.com/docs/api-reference/{chat,completions}/create); those vLLM
@@ -148,7 +147,8 @@ def vllm_params(endpoint: str) -> tuple[frozenset[str], str]:
 
 
 def _known_params() -> tuple[Mapping[str, frozenset[str]], Mapping[str, str]]:
-    known, source = {}, {}
+    known: dict[str, frozenset[str]] = {}
+    source: dict[str, str] = {}
     for endpoint in ENDPOINTS:
         names, source[endpoint] = vllm_params(endpoint)
         known[endpoint] = OPENAI_PARAMS[endpoint] | names
@@ -171,10 +171,6 @@ def tier_max_tokens(tier: Tier, limits: LimitsConfig) -> int:
     """The `max_tokens` cap of a tier: its `max_tokens_cap`, else `limits.max_tokens_cap`, never past its context."""
     cap = tier.max_tokens_cap or limits.max_tokens_cap or tier.engine.max_model_len
     return min(cap, tier.engine.max_model_len)
-
-
-def request_timeout_s(config: AppConfig) -> float:
-    return config.limits.request_timeout_s or config.ingress.request_timeout_s
 
 
 # -- the body -----------------------------------------------------------------------------------------------------
@@ -339,8 +335,19 @@ def check_request(
         _check_prompt(body, limits)
 
 
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
 def check_max_tokens(endpoint: str, body: dict[str, Any], tier_cap: int | None) -> None:
     """`max_tokens` / `max_completion_tokens`: integers, within the resolved tier's cap (None: only the type)."""
     low = 1 if endpoint == "chat" else 0  # a completion may ask 0 tokens (echo + prompt logprobs scoring)
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in MAX_TOKENS_FIELDS:
         _check_int(body, name, low, tier_cap if tier_cap is not None else _INT64_MAX, "this model's cap")
+
+
+def check_tier_cap(body: dict[str, Any], tier_cap: int) -> None:
+    """The resolved tier's `max_tokens` cap, on a body whose types `check_request` already checked."""
+    for name in MAX_TOKENS_FIELDS:
+        value = body.get(name)
+        if value is not None and value > tier_cap:
+            raise _bad(name, f"{value} is greater than this model's cap of {tier_cap}", code="integer_above_max_value")

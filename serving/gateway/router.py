@@ -19,8 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from serving.config import AppConfig, AutoRule, Provider, RoutingConfig
-from serving.wire.errors import APIError
+from serving.config import AppConfig, AutoRule, Endpoint, Provider, RoutingConfig
+from serving.wire.errors import APIError, retry_after
+from serving.wire.items import ProviderState
 
 TargetKind = Literal["tier", "provider"]
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of a chat template, per message
@@ -39,7 +40,7 @@ CODE_SCAN_CHARS = 4096
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
     model: str  # as sent: a tier, served name, alias, or `auto`
-    endpoint: Literal["chat", "completion"] = "chat"
+    endpoint: Endpoint = "chat"
     pinned: str | None = None  # value of the pin header (`x-tierserve-tier`)
     prompt_tokens: int = 0  # estimate_tokens() or an exact count
     max_tokens: int | None = None
@@ -58,16 +59,6 @@ class TierState:
     engine_waiting: int | None = None  # vLLM's waiting requests, summed over replicas
     est_wait_s: float | None = None  # the caller's estimate of queueing delay
     cold: bool = False  # scaled to zero or warming up: no replica can answer yet
-    available: bool = True  # the tier's breaker allows a request (Breaker.available())
-    retry_in_s: float = 0.0  # Breaker.retry_in_s() when not available
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderState:
-    available: bool = True  # Breaker.available()
-    retry_in_s: float = 0.0  # Breaker.retry_in_s()
-    over_budget: str | None = None  # Budget.over_budget(name)
-    budget_reset_in_s: float | None = None  # Budget.reset_in_s(name)
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -85,7 +76,6 @@ class Candidate:
 @dataclass(frozen=True, slots=True)
 class Decision:
     kind: Literal["tier", "provider", "reject"]
-    name: str | None  # the first candidate's name (None on reject)
     tier: str | None  # the tier the request is for (None when the model is unknown)
     reason: str  # short ASCII text, fit for the `x-tierserve-route-reason` header
     candidates: tuple[Candidate, ...] = ()
@@ -95,9 +85,14 @@ class Decision:
     code: str | None = None
     param: str | None = None
 
+    @property
+    def name(self) -> str | None:
+        """The first candidate's name (None on reject)."""
+        return self.candidates[0].name if self.candidates else None
+
     def error(self) -> APIError:
         """The client-facing error of a reject, with Retry-After when the condition is transient."""
-        headers = {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        headers = retry_after(self.retry_after_s) if self.retry_after_s is not None else {}
         why = "; ".join(f"{who}: {what}" for who, what in self.skipped)
         message = self.reason + (f" ({why})" if why and why not in self.reason else "")
         return APIError(self.status, message, code=self.code, param=self.param, headers=headers)
@@ -122,7 +117,7 @@ def _clip(text: str, limit: int) -> str:
 
 
 def facts_from_body(
-    endpoint: Literal["chat", "completion"],
+    endpoint: Endpoint,
     body: Mapping[str, Any],
     headers: Mapping[str, str],
     routing: RoutingConfig,
@@ -253,7 +248,7 @@ class Router:
             if tier is None:
                 header = self.routing.pin_header
                 msg = f"{header}: unknown tier '{facts.pinned}' (known: {', '.join(sorted(self.tiers))})"
-                return None, "", False, Decision("reject", None, None, msg, status=400, param=header)
+                return None, "", False, Decision("reject", None, msg, status=400, param=header)
             return tier, f"pinned:{tier}", False, None
         if facts.model == "auto":
             is_code: list[bool | None] = [None]
@@ -271,7 +266,7 @@ class Router:
         if tier is None:
             known = ", ".join(sorted([*self.names, "auto"]))
             msg = f"The model `{facts.model}` does not exist. Known: {known}"
-            reject = Decision("reject", None, None, msg, status=404, code="model_not_found", param="model")
+            reject = Decision("reject", None, msg, status=404, code="model_not_found", param="model")
             return None, "", False, reject
         return tier, f"model:{tier}", False, None
 
@@ -293,7 +288,7 @@ class Router:
     ) -> Decision:
         tier, reason, auto, reject = self._requested(facts)
         if reject is not None or tier is None:
-            return reject or Decision("reject", None, None, "no tier", status=400)
+            return reject or Decision("reject", None, "no tier", status=400)
         tiers = tiers or {}
         providers = providers or {}
         need = facts.prompt_tokens + (facts.max_tokens or 1)
@@ -301,7 +296,7 @@ class Router:
         blockers: list[tuple[int, float | None]] = []  # (status, retry after) of every obstacle met
 
         # A prompt too long for the tier: for `auto`, the smallest other tier that fits.
-        local = tier
+        local: str | None = tier
         ctx = self.tiers[tier].engine.max_model_len
         if need > ctx:
             skipped.append((f"tier:{tier}", f"prompt ~{facts.prompt_tokens} tokens + output > max_model_len {ctx}"))
@@ -310,7 +305,7 @@ class Router:
             local = fits[0] if auto and fits else None
             if local is not None:
                 reason += f";too-long->{local}"
-        served = local or tier  # providers are chosen for this tier's model mapping
+        served: str = local or tier  # providers are chosen for this tier's model mapping
 
         head: list[Candidate] = []
         tail: list[Candidate] = []
@@ -354,15 +349,13 @@ class Router:
             candidates = (Candidate("tier", tier, tier, reason + ";engine-checks-length"),)
         if candidates:
             first = candidates[0]
-            return Decision(first.kind, first.name, served, first.reason, candidates, tuple(skipped))
+            return Decision(first.kind, served, first.reason, candidates, tuple(skipped))
         return self._reject(facts, served, reason, skipped, blockers)
 
     def _tier_problem(self, name: str, s: TierState) -> tuple[str, str, float | None] | None:
         """(kind, why, retry after) when the tier can't take the request now; kind: cold|saturated|down."""
         policy = self.tiers[name].overflow
         routing = self.routing
-        if not s.available:
-            return "down", f"breaker open, retry in {s.retry_in_s:.0f}s", max(s.retry_in_s, 1.0)
         if s.cold:
             return "cold", "scaled to zero / warming up", None
         if s.healthy_replicas == 0:
@@ -410,14 +403,14 @@ class Router:
             param = "messages" if facts.endpoint == "chat" else "prompt"
             msg = f"prompt of about {facts.prompt_tokens} tokens does not fit tier {tier} or any provider"
             return Decision(
-                "reject", None, tier, msg, skipped=tuple(skipped), status=400,
+                "reject", tier, msg, skipped=tuple(skipped), status=400,
                 code="context_length_exceeded", param=param,
             )
         # The first obstacle met decides the status (the local tier's, when it had one); Retry-After is
         # the soonest moment any obstacle may clear.
         status = transient[0][0]
         retries = [r for _, r in transient if r is not None]
-        retry_after = max(1, math.ceil(min(retries))) if retries else self.routing.unavailable_retry_after_s
+        wait_s = max(1, math.ceil(min(retries))) if retries else self.routing.unavailable_retry_after_s
         what = "overloaded" if status == 429 else "unavailable"
         msg = f"tier {tier} is {what} and no fallback can take the request [{reason}]"
-        return Decision("reject", None, tier, msg, skipped=tuple(skipped), status=status, retry_after_s=retry_after)
+        return Decision("reject", tier, msg, skipped=tuple(skipped), status=status, retry_after_s=wait_s)

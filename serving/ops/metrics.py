@@ -6,21 +6,19 @@ Each request costs a handful of metric operations at its start and end, none per
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 LOCAL = "local"  # provider label of requests served by a local tier
+NO_TIER = "none"  # tier label of requests refused before a tier was known (bad key, body or model)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
 # vLLM's engine metrics worth re-exporting per tier (queue, running, KV cache, its own token counters).
 ENGINE_METRIC_PREFIX = "vllm:"
 WAITING_METRIC = "vllm:num_requests_waiting"
-DURATION_EWMA_ALPHA = 0.1
 
 
 class RequestMetrics:
@@ -61,56 +59,18 @@ class RequestMetrics:
         self.ongoing: dict[str, int] = {}  # the same in-flight counts, for the router (no metric lookups)
         self.mean_duration_s: dict[str, float] = {}  # EWMA of locally served requests, for wait estimates
 
-    def begin(self, tier: str, endpoint: str, provider: str = LOCAL) -> RequestRecord:
-        self.in_flight.labels(tier).inc()
-        self.ongoing[tier] = self.ongoing.get(tier, 0) + 1
-        return RequestRecord(self, tier, provider, endpoint)
 
+class AgentMetrics:
+    """Per-agent counters. Bounded: agents are the key store's few names, plus `unauthenticated`."""
 
-@dataclass
-class RequestRecord:
-    """One request's measurements; `finish` is called exactly once, whatever happened."""
-
-    metrics: RequestMetrics
-    tier: str
-    provider: str
-    endpoint: str
-    started: float = field(default_factory=time.perf_counter)
-    first_chunk: float | None = None
-    done: bool = False
-    # Called once at the end with (record, status, prompt, completion, cost, duration): per-key accounting.
-    on_finish: Callable[[RequestRecord, int | str, int, int, float, float], None] | None = None
-
-    def first(self) -> None:
-        self.first_chunk = time.perf_counter()
-        self.metrics.ttft.labels(self.tier, self.provider).observe(self.first_chunk - self.started)
-
-    def finish(
-        self, status: int | str, prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0
-    ) -> None:
-        if self.done:
-            return
-        self.done = True
-        now = time.perf_counter()
-        m = self.metrics
-        m.in_flight.labels(self.tier).dec()
-        m.ongoing[self.tier] -= 1
-        if cost_usd:
-            m.cost.labels(self.provider).inc(cost_usd)
-        m.requests.labels(self.tier, self.provider, self.endpoint, str(status)).inc()
-        m.duration.labels(self.tier, self.provider, self.endpoint).observe(now - self.started)
-        if self.provider == LOCAL and status == 200:
-            prev = m.mean_duration_s.get(self.tier)
-            took = now - self.started
-            m.mean_duration_s[self.tier] = took if prev is None else prev + DURATION_EWMA_ALPHA * (took - prev)
-        if prompt_tokens:
-            m.prompt_tokens.labels(self.tier, self.provider).inc(prompt_tokens)
-        if completion_tokens:
-            m.completion_tokens.labels(self.tier, self.provider).inc(completion_tokens)
-        if self.first_chunk is not None and completion_tokens > 1:
-            m.itl.labels(self.tier, self.provider).observe((now - self.first_chunk) / (completion_tokens - 1))
-        if self.on_finish is not None:
-            self.on_finish(self, status, prompt_tokens, completion_tokens, cost_usd, now - self.started)
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("tierserve_agent_requests", "Requests per agent by status", ["agent", "status"],
+                                registry=registry)
+        self.tokens = Counter("tierserve_agent_tokens", "Tokens per agent", ["agent", "kind"], registry=registry)
+        self.cost = Counter("tierserve_agent_cost_usd", "Spend per agent in US dollars", ["agent"],
+                            registry=registry)
+        self.gpu_seconds = Counter("tierserve_agent_gpu_seconds", "GPU-seconds per agent (request time x tier GPUs)",
+                                   ["agent"], registry=registry)
 
 
 def engine_metrics_text(registry: CollectorRegistry) -> str:

@@ -1,4 +1,4 @@
-"""API keys per agent: the hashed key store, authentication, per-key rate limits, budgets, usage, log redaction.
+"""API keys per agent: their spec, the hashed key store, authentication, and the tier and limit errors of a key.
 
 Keys look like `ts_<key_id>_<secret>`: `key_id` is 12 public hex characters (the lookup index, safe to log),
 `secret` is 32 random bytes, urlsafe base64. The store (a JSON file, 0600, replaced atomically) keeps only the
@@ -9,34 +9,33 @@ Several processes share the store: `tierserve keys` writes it (under an flock, s
 other's change) and every ingress re-reads it when its inode/mtime/size change, checked at most once per
 `reload_interval_s`, so a revocation is seen within that delay without a restart.
 
-Nothing here imports Ray or vLLM; the ingress wires it (see `Limiter`, `KeyStore.authenticate`).
+Nothing here imports Ray or vLLM; admission wires it (`KeyStore.authenticate`), quotas count what keys use.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
 import hmac
 import json
 import logging
-import math
 import os
 import re
 import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving.config import AppConfig, AuthConfig, AuthSettings
-from serving.spend.ledger import Kind
-from serving.wire.errors import APIError
+from serving.wire.errors import APIError, from_validation_errors, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,6 @@ KEY_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43,}$")  # token_urlsafe(32) is 43 characters
 AGENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a metrics label: short and plain
 FILE_VERSION = 1
-LEDGER_KIND = cast(Kind, "key")  # rows of serving/budget.py's ledger: kind 'key', name = key id
-WINDOW_S = 60.0
 ANONYMOUS_ID = "anonymous"
 ENV_ADMIN_ID = "env-admin"
 _DUMMY_DIGEST = "0" * 64  # compared against for unknown ids, so both paths cost the same
@@ -55,21 +52,52 @@ _DUMMY_DIGEST = "0" * 64  # compared against for unknown ids, so both paths cost
 # -- records -------------------------------------------------------------------------------------------------
 
 
-class KeyRecord(BaseModel):
-    """One key as stored (no plaintext, ever). `tiers=None` allows every tier; None limits are unlimited."""
+class KeySpec(BaseModel):
+    """What a key may do: the options of `tierserve keys create` and the body of `POST /admin/keys`.
+    `tiers=None` allows every tier; None limits are unlimited."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")  # ignore: a newer writer's fields don't break us
+    model_config = ConfigDict(extra="forbid")
 
-    id: str
     agent: str
-    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    prefix: str  # `ts_<id>_...`, for display; holds no secret bits
     tiers: tuple[str, ...] | None = None
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
     budget_usd: float | None = Field(None, ge=0)
-    budget_period: Literal["day", "month"] = "month"  # UTC calendar periods, as serving/budget.py
+    budget_period: Literal["day", "month"] = "month"  # UTC calendar periods, as serving/spend/ledger.py
     default_tier: str | None = None  # what `model: auto` means for this agent when no rule matches
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> KeySpec:
+        """From a JSON body: 400 naming the field."""
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_errors(exc.errors()) from None
+
+    def check(self, known_tiers: Collection[str] | None = None) -> None:
+        """KeyStoreError for what the types can't say: agent name, empty or unknown tiers, default tier."""
+        if not AGENT_RE.match(self.agent):
+            raise KeyStoreError(f"agent name {self.agent!r}: use letters, digits, '.', '_', '-' (at most 64)")
+        if self.tiers is not None and not self.tiers:
+            raise KeyStoreError("a key needs at least one tier (leave tiers out to allow all)")  # [] is not "all"
+        if known_tiers is not None:
+            named = {*(self.tiers or ()), *([self.default_tier] if self.default_tier else [])}
+            unknown = sorted(named - set(known_tiers))
+            if unknown:
+                raise KeyStoreError(f"unknown tier(s): {', '.join(unknown)} (known: {', '.join(sorted(known_tiers))})")
+        if self.default_tier and self.tiers is not None and self.default_tier not in self.tiers:
+            raise KeyStoreError(f"default tier {self.default_tier} is not among the key's tiers "
+                                f"({', '.join(self.tiers)})")
+
+
+class KeyRecord(KeySpec):
+    """One key as stored (no plaintext, ever)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")  # ignore: a newer writer's fields don't break us
+
+    id: str
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    prefix: str  # `ts_<id>_...`, for display; holds no secret bits
     admin: bool = False  # admin routes only; rejected on /v1/*
     created_at: float
     revoked_at: float | None = None
@@ -103,6 +131,11 @@ def new_key() -> tuple[str, str, str]:
     return f"{KEY_PREFIX}{key_id}_{secret}", key_id, secret
 
 
+def key_id_of(text: str) -> str:
+    """The key id of an id, a `ts_<id>...` prefix or a whole key (what `keys show/revoke` accept)."""
+    return text.removeprefix(KEY_PREFIX).split("_", 1)[0]
+
+
 def split_key(token: str) -> tuple[str, str] | None:
     """`ts_<id>_<secret>` -> (id, secret), or None when the token does not have that shape."""
     if not token.startswith(KEY_PREFIX):
@@ -128,7 +161,7 @@ class LimitError(APIError):
 
     def __init__(self, message: str, code: str, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(429, message, code=code, headers={"retry-after": str(max(1, math.ceil(retry_after_s)))})
+        super().__init__(429, message, code=code, headers=retry_after(retry_after_s))
 
 
 def check_tier(key: KeyRecord, tier: str) -> None:
@@ -265,7 +298,7 @@ class KeyStore:
     def get(self, key_id: str) -> KeyRecord | None:
         return self._loaded.by_id.get(key_id)
 
-    def list(self, *, include_revoked: bool = True) -> list[KeyRecord]:
+    def list(self, *, include_revoked: bool = True) -> builtins.list[KeyRecord]:
         self.maybe_reload()
         keys = sorted(self._loaded.by_id.values(), key=lambda r: (r.created_at, r.id))
         return [k for k in keys if include_revoked or not k.revoked]
@@ -365,53 +398,29 @@ class KeyStore:
             os.close(dir_fd)
 
     def create(
-        self,
-        agent: str,
-        tiers: Sequence[str] | None = None,
-        rpm: int | None = None,
-        tpm: int | None = None,
-        budget_usd: float | None = None,
-        default_tier: str | None = None,
-        *,
-        budget_period: Literal["day", "month"] = "month",
-        admin: bool = False,
-        known_tiers: Collection[str] | None = None,
+        self, spec: KeySpec, *, admin: bool = False, known_tiers: Collection[str] | None = None
     ) -> tuple[str, KeyRecord]:
         """A new key: (plaintext, record). The plaintext exists only in the return value; show it once."""
-        if not AGENT_RE.match(agent):
-            raise KeyStoreError(f"agent name {agent!r}: use letters, digits, '.', '_', '-' (at most 64)")
-        tier_list = tuple(dict.fromkeys(tiers)) if tiers is not None else None
-        if tier_list is not None and not tier_list:
-            raise KeyStoreError("a key needs at least one tier (leave tiers out to allow all)")  # [] is not "all"
-        if known_tiers is not None:
-            unknown = sorted({*(tier_list or ()), *([default_tier] if default_tier else [])} - set(known_tiers))
-            if unknown:
-                raise KeyStoreError(f"unknown tier(s): {', '.join(unknown)} (known: {', '.join(sorted(known_tiers))})")
-        if default_tier and tier_list is not None and default_tier not in tier_list:
-            raise KeyStoreError(f"default tier {default_tier} is not among the key's tiers ({', '.join(tier_list)})")
+        spec.check(known_tiers)
         plaintext, key_id, secret = new_key()
-        try:
-            record = KeyRecord(
-                id=key_id, agent=agent, key_sha256=hash_secret(secret), prefix=f"{KEY_PREFIX}{key_id}_...",
-                tiers=tier_list, rpm=rpm, tpm=tpm, budget_usd=budget_usd, budget_period=budget_period,
-                default_tier=default_tier, admin=admin, created_at=self.clock(),
-            )
-        except ValidationError as exc:
-            problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-            raise KeyStoreError("; ".join(problems)) from None
+        tiers = tuple(dict.fromkeys(spec.tiers)) if spec.tiers is not None else None
+        record = KeyRecord(
+            **{**spec.model_dump(), "tiers": tiers}, id=key_id, key_sha256=hash_secret(secret),
+            prefix=f"{KEY_PREFIX}{key_id}_...", admin=admin, created_at=self.clock(),
+        )
         with self._exclusive() as records:
             records[key_id] = record
         return plaintext, record
 
-    def revoke(self, key_id: str | None = None, *, agent: str | None = None) -> list[KeyRecord]:
+    def revoke(self, key_id: str | None = None, *, agent: str | None = None) -> builtins.list[KeyRecord]:
         """Revoke one key by id (or by `ts_<id>…` prefix), or every live key of an agent. Returns what changed
         (already-revoked keys are left as they were); KeyStoreError when nothing matches."""
         if (key_id is None) == (agent is None):
             raise KeyStoreError("give a key id or an agent (one of them)")
         if key_id is not None:
-            key_id = key_id.removeprefix(KEY_PREFIX).split("_", 1)[0]
+            key_id = key_id_of(key_id)
         now = self.clock()
-        changed: list[KeyRecord] = []
+        changed: builtins.list[KeyRecord] = []
         with self._exclusive() as records:
             matches = [r for r in records.values() if r.id == key_id or (agent is not None and r.agent == agent)]
             if not matches:

@@ -8,13 +8,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from serving.security.keys import KeyRecord, LimitError
-from serving.spend.ledger import Budget, period_end
+from serving.spend.ledger import Budget, Kind, period_end
 
 WINDOW_S = 60.0
-LEDGER_KIND = "key"  # rows of the ledger: kind 'key', name = key id
+LEDGER_KIND: Final[Kind] = "key"  # ledger rows of a key: name = key id
 
 # -- rate limits, budgets, usage -------------------------------------------------------------------------------
 

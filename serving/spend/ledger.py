@@ -1,4 +1,4 @@
-"""Cost accounting per provider and tier, daily/monthly USD budgets, persisted in SQLite.
+"""The spend ledger: usage and cost per provider and per API key, daily/monthly USD budgets, in SQLite.
 
 Periods are UTC calendar days and months of an injected wall clock. Every request is recorded once, after
 it ends, streamed ones included (their usage arrives with the last chunk; a cut stream records an
@@ -15,15 +15,16 @@ import calendar
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from serving.config import Provider, Tier
+from serving.config import Provider
+from serving.spend.pricing import provider_cost
 
-Kind = Literal["provider", "tier"]
+Kind = Literal["provider", "key"]  # a provider's spend (its budgets), or an API key's (serving/security/quotas.py)
 Period = Literal["day", "month"]
 
 SCHEMA = """
@@ -80,14 +81,12 @@ class Budget:
         self,
         path: str | Path,
         providers: Sequence[Provider] = (),
-        tiers: Mapping[str, Tier] | None = None,
         *,
         clock: Callable[[], float] = time.time,
         cache_s: float = 1.0,
     ) -> None:
         self.path = Path(path)
         self.providers = {p.name: p for p in providers}
-        self.tiers = dict(tiers or {})
         self.clock = clock  # wall clock (unix seconds): periods are calendar days/months
         self.cache_s = cache_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,14 +98,12 @@ class Budget:
             # WAL + NORMAL: no fsync per request on the event loop; a power cut may lose the last few records.
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", (repr(self.clock()),))
-            self.created_at = float(self.db.execute("SELECT value FROM meta WHERE key='created_at'").fetchone()[0])
         self._cache: dict[tuple[Kind, str, str], tuple[float, Totals]] = {}
 
     @classmethod
     def from_config(cls, path: str | Path, config: Any, **kwargs: Any) -> Budget:
-        """From an `AppConfig` (its providers and tiers)."""
-        return cls(path, config.providers, config.tiers, **kwargs)
+        """From an `AppConfig` (its providers)."""
+        return cls(path, config.providers, **kwargs)
 
     def close(self) -> None:
         with self.lock:
@@ -115,10 +112,7 @@ class Budget:
     # -- accounting ---------------------------------------------------------------------------------
 
     def cost(self, provider: str, prompt_tokens: int, completion_tokens: int) -> float:
-        p = self.providers.get(provider)
-        if p is None:
-            return 0.0
-        return (prompt_tokens * p.price_input_per_1m_usd + completion_tokens * p.price_output_per_1m_usd) / 1e6
+        return provider_cost(self.providers.get(provider), prompt_tokens, completion_tokens)
 
     def record(
         self,
@@ -130,7 +124,7 @@ class Budget:
         estimated: bool = False,
         cost_usd: float | None = None,
     ) -> float:
-        """Account one finished request (streamed or not); returns its cost. Local tiers cost 0 per token."""
+        """Account one finished request (streamed or not); returns its cost (a provider's from its prices)."""
         if cost_usd is None:
             cost_usd = self.cost(name, prompt_tokens, completion_tokens) if kind == "provider" else 0.0
         now = self.clock()
@@ -206,32 +200,15 @@ class Budget:
 
     # -- reporting ----------------------------------------------------------------------------------
 
-    def snapshot(self, running_replicas: Mapping[str, int] | None = None) -> dict[str, Any]:
-        """Totals per provider and tier for the current day and month, with budgets and reasons.
-
-        A tier with `cost_per_gpu_hour_usd` also shows what its GPUs cost so far this day (price x GPUs
-        per replica x replicas x hours since the day began or the ledger was created) and that per 1M
-        tokens, to compare with the providers' prices.
-        """
-        now = self.clock()
-        out: dict[str, Any] = {"providers": {}, "tiers": {}}
+    def snapshot(self) -> dict[str, Any]:
+        """Totals per provider for the current day and month, with budgets and reasons."""
+        out: dict[str, Any] = {}
         for name, p in self.providers.items():
-            out["providers"][name] = {
+            out[name] = {
                 "day": self.totals("provider", name, "day").to_dict(),
                 "month": self.totals("provider", name, "month").to_dict(),
                 "budget_daily_usd": p.budget_daily_usd,
                 "budget_monthly_usd": p.budget_monthly_usd,
                 "over_budget": self.over_budget(name),
             }
-        for name, tier in self.tiers.items():
-            day = self.totals("tier", name, "day")
-            entry: dict[str, Any] = {"day": day.to_dict(), "month": self.totals("tier", name, "month").to_dict()}
-            if tier.cost_per_gpu_hour_usd is not None:
-                replicas = (running_replicas or {}).get(name, tier.replicas.min)
-                since = max(period_end(now, "day") - 86400.0, self.created_at)
-                gpu_cost = tier.cost_per_gpu_hour_usd * tier.resources.gpus * replicas * max(0.0, now - since) / 3600
-                tokens = day.prompt_tokens + day.completion_tokens
-                entry["gpu_cost_usd_today"] = round(gpu_cost, 4)
-                entry["usd_per_1m_tokens_today"] = round(gpu_cost / tokens * 1e6, 4) if tokens else None
-            out["tiers"][name] = entry
         return out

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -66,6 +67,11 @@ class APIError(Exception):
 
     def sse(self) -> bytes:
         return b"data: " + self.json() + b"\n\n"
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The `Retry-After` header for a condition that clears in `seconds`: whole seconds, rounded up, at least 1."""
+    return {"retry-after": str(max(1, math.ceil(seconds)))}
 
 
 def error_body(

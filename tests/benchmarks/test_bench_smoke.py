@@ -62,7 +62,7 @@ def test_smoke_sweep_end_to_end(tmp_path: Path) -> None:
 
     doc = json.loads(stem.with_suffix(".json").read_text())
     assert doc["meta"]["stop_problems"] == []  # every process stopped cleanly, no VLLM:: left
-    # The placement baseline really had its engine core moved (serving/affinity.py on bare vLLM's tree).
+    # The placement baseline really had its engine core moved (serving/backends/affinity.py on bare vLLM's tree).
     assert "bare-colocated: engine core" in output, output[-4000:]
     systems = ("bare", "bare-colocated", "tierserve", "litellm")
     for mode in ("stream", "nonstream"):

@@ -14,11 +14,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from serving.cli import main
 from serving.config import AppConfig, AuthConfig, AuthSettings, ModelSource, Tier
 from serving.security.keys import (
     KeyRecord,
+    KeySpec,
     KeyStore,
     KeyStoreError,
     LimitError,
@@ -53,8 +55,8 @@ def error_of(info: pytest.ExceptionInfo[APIError]) -> tuple[int, str | None, str
 
 def test_key_format_and_record(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "keys.json", Clock())
-    plaintext, record = store.create("coder-bot", ["coder", "fast"], rpm=60, tpm=1000, budget_usd=5,
-                                     default_tier="coder")
+    plaintext, record = store.create(KeySpec(agent="coder-bot", tiers=("coder", "fast"), rpm=60, tpm=1000,
+                                                 budget_usd=5, default_tier="coder"))
     key_id, secret = split_key(plaintext) or ("", "")
     assert plaintext == f"ts_{record.id}_{secret}" and key_id == record.id and len(record.id) == 12
     assert len(secret) >= 43  # 32 random bytes, urlsafe base64
@@ -69,7 +71,7 @@ def test_key_format_and_record(tmp_path: Path) -> None:
 def test_key_file_never_holds_the_plaintext_and_is_private(tmp_path: Path) -> None:
     path = tmp_path / "state" / "keys.json"
     store = KeyStore(path, Clock())
-    keys = [store.create(f"agent{i}", admin=i == 2)[0] for i in range(3)]
+    keys = [store.create(KeySpec(agent=f"agent{i}"), admin=i == 2)[0] for i in range(3)]
     store.revoke(split_key(keys[0])[0])  # type: ignore[index]
     raw = path.read_bytes()
     for key in keys:
@@ -97,7 +99,7 @@ def test_key_file_never_holds_the_plaintext_and_is_private(tmp_path: Path) -> No
 )
 def test_bad_headers_are_401_with_www_authenticate(tmp_path: Path, header: str | None, fragment: str) -> None:
     store = KeyStore(tmp_path / "keys.json", Clock())
-    store.create("a")
+    store.create(KeySpec(agent="a"))
     with pytest.raises(APIError) as info:
         store.authenticate(header)
     assert error_of(info)[:2] == (401, "invalid_api_key") and fragment in info.value.message
@@ -110,12 +112,12 @@ def test_bad_headers_are_401_with_www_authenticate(tmp_path: Path, header: str |
 
 def test_wrong_secret_revoked_and_admin_keys_are_refused(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "keys.json", Clock())
-    key, record = store.create("a")
+    key, record = store.create(KeySpec(agent="a"))
     wrong = f"ts_{record.id}_" + "A" * 43
     with pytest.raises(APIError, match="Invalid API key"):
         store.authenticate(bearer(wrong))
     assert store.authenticate(f"bearer   {key}  ").id == record.id  # scheme is case-insensitive
-    admin_key, _ = store.create("ops", admin=True)
+    admin_key, _ = store.create(KeySpec(agent="ops"), admin=True)
     with pytest.raises(APIError, match="admin routes only") as info:
         store.authenticate(bearer(admin_key))
     assert info.value.status == 401
@@ -130,7 +132,7 @@ def test_revocation_reaches_another_store_after_its_reload_interval(tmp_path: Pa
     clock = Clock()
     server = KeyStore(path, clock, reload_interval_s=1.0)  # the ingress
     cli = KeyStore(path, clock)  # `tierserve keys` in another process
-    key, record = cli.create("a")
+    key, record = cli.create(KeySpec(agent="a"))
     assert server.authenticate(bearer(key)).id == record.id  # the first request stat()s: sees the new key
     cli.revoke(record.id)
     clock.t += 0.4  # within the interval: no stat, the old state still answers
@@ -145,7 +147,7 @@ def test_new_key_is_seen_without_restart_and_stat_is_throttled(tmp_path: Path) -
     clock = Clock()
     server = KeyStore(path, clock, reload_interval_s=1.0)
     assert server.maybe_reload() is False  # nothing there yet
-    key, _ = KeyStore(path, clock).create("late")
+    key, _ = KeyStore(path, clock).create(KeySpec(agent="late"))
     assert server.maybe_reload() is False  # checked at T0 already: throttled
     with pytest.raises(APIError):
         server.authenticate(bearer(key))
@@ -159,7 +161,7 @@ def test_broken_file_keeps_last_good_keys_but_fails_at_start(tmp_path: Path, cap
     path = tmp_path / "keys.json"
     clock = Clock()
     server = KeyStore(path, clock)
-    key, _ = server.create("a")
+    key, _ = server.create(KeySpec(agent="a"))
     path.write_text("{not json")
     clock.t += 2
     with caplog.at_level(logging.ERROR):
@@ -171,7 +173,7 @@ def test_broken_file_keeps_last_good_keys_but_fails_at_start(tmp_path: Path, cap
 
 def _create_many(path: str, agent: str, n: int) -> list[str]:
     store = KeyStore(path)
-    return [store.create(f"{agent}-{i}")[0] for i in range(n)]
+    return [store.create(KeySpec(agent=f"{agent}-{i}"))[0] for i in range(n)]
 
 
 def test_two_writer_processes_lose_nothing(tmp_path: Path) -> None:
@@ -208,9 +210,9 @@ def test_two_writer_threads_with_their_own_stores_lose_nothing(tmp_path: Path) -
 def test_revoke_by_id_prefix_or_agent(tmp_path: Path) -> None:
     clock = Clock()
     store = KeyStore(tmp_path / "keys.json", clock)
-    _, r1 = store.create("a")
-    store.create("b")
-    store.create("b")
+    _, r1 = store.create(KeySpec(agent="a"))
+    store.create(KeySpec(agent="b"))
+    store.create(KeySpec(agent="b"))
     clock.t += 10
     assert [r.id for r in store.revoke(f"ts_{r1.id}_...")] == [r1.id]  # the display prefix works too
     assert store.revoke(r1.id) == []  # already revoked: unchanged, not an error
@@ -237,8 +239,8 @@ def test_revoke_by_id_prefix_or_agent(tmp_path: Path) -> None:
 )
 def test_create_validates(tmp_path: Path, kwargs: dict, fragment: str) -> None:
     store = KeyStore(tmp_path / "keys.json", Clock())
-    with pytest.raises(KeyStoreError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        store.create(**kwargs, known_tiers=["coder", "fast"])
+    with pytest.raises((KeyStoreError, ValidationError), match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        store.create(KeySpec.model_validate(kwargs), known_tiers=["coder", "fast"])
     assert not (tmp_path / "keys.json").exists()
 
 
@@ -261,9 +263,9 @@ def test_admin_key_from_env_hash_or_store(tmp_path: Path) -> None:
     settings = AuthSettings(admin_key_sha256=hashlib.sha256(env_key.encode()).hexdigest())
     store = KeyStore.from_config(app_config(), tmp_path, settings, clock=Clock())
     assert store.authenticate_admin(bearer(env_key)).id == "env-admin"
-    admin_key, admin = store.create("ops", admin=True)
+    admin_key, admin = store.create(KeySpec(agent="ops"), admin=True)
     assert store.authenticate_admin(bearer(admin_key)).id == admin.id
-    agent_key, _ = store.create("bot")
+    agent_key, _ = store.create(KeySpec(agent="bot"))
     with pytest.raises(APIError) as info:
         store.authenticate_admin(bearer(agent_key))
     assert info.value.status == 403

@@ -97,16 +97,16 @@ def test_latency_ewma_and_p95_bounded(clock: Clock) -> None:
 
 def test_registry_snapshot_is_json(clock: Clock) -> None:
     reg = BreakerRegistry.from_config(BreakerConfig(failures=2, cooldown_s=10), clock=clock, wall=lambda: 5000.0)
-    assert reg.provider("openai") is reg.get("provider", "openai")
-    reg.provider("openai").failure("boom")
-    reg.provider("openai").failure("boom", 0.5)
-    reg.tier("coder").success(0.05)
+    assert reg.get("openai") is reg.get("openai")
+    reg.get("openai").failure("boom")
+    reg.get("openai").failure("boom", 0.5)
+    reg.get("peer").success(0.05)
     snap = reg.snapshot()
     json.dumps(snap)
-    openai = snap["providers"]["openai"]
+    openai = snap["openai"]
     assert openai["state"] == "open" and openai["open_until"] == 5010.0 and openai["retry_in_s"] == 10
     assert openai["consecutive_failures"] == 2 and openai["errors"] == 2 and openai["last_error"] == "boom"
-    assert snap["tiers"]["coder"] == {
+    assert snap["peer"] == {
         "state": "closed", "open_until": None, "retry_in_s": 0.0, "consecutive_failures": 0, "successes": 1,
         "errors": 0, "opened": 0, "last_error": None, "latency_ewma_s": 0.05, "latency_p95_s": 0.05,
     }

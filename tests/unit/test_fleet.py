@@ -68,13 +68,12 @@ class EmbeddedEngine:
 
 
 def test_embedded_tier_is_counted_in_process_and_never_asked_of_the_controller(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.backends.tier import LocalTier
     from serving.gateway import fleet as fleet_module
 
     config = build_config({"ingress": {"embed_tier": "fast"}, "tiers": {
         "fast": {"served_name": "f", "model": TINY}, "coder": {"served_name": "c", "model": TINY}}}, None)
-    embedded = LocalTier(EmbeddedEngine(), EmbeddedEngine)  # type: ignore[arg-type]
-    fleet = Fleet(config, {"fast": embedded}, "app")
+    embedded = EmbeddedEngine()
+    fleet = Fleet(config, {}, "app", local={"fast": embedded})
     calls: list[int] = []
 
     def status(app: str) -> dict[str, dict[str, int]]:  # the controller knows only the deployments: coder's
@@ -86,7 +85,7 @@ def test_embedded_tier_is_counted_in_process_and_never_asked_of_the_controller(m
     async def run() -> None:
         await fleet.refresh_states()
         assert fleet.replicas == {"coder": 1, "fast": 1} and fleet.settled
-        embedded.server.alive = 0  # the engine died: out of the router's candidates at the next refresh
+        embedded.alive = 0  # the engine died: out of the router's candidates at the next refresh
         await fleet.refresh_states(replicas=True)
         assert fleet.replicas["fast"] == 0 and await fleet.running_replicas("fast") == 0
         assert len(calls) == 2
@@ -95,6 +94,6 @@ def test_embedded_tier_is_counted_in_process_and_never_asked_of_the_controller(m
 
     only = build_config({"ingress": {"embed_tier": "fast"}, "tiers": {"fast": {"served_name": "f", "model": TINY}}},
                         None)
-    alone = Fleet(only, {"fast": embedded}, "app")
+    alone = Fleet(only, {}, "app", local={"fast": embedded})
     asyncio.run(alone.refresh_states())
     assert alone.replicas == {"fast": 0} and len(calls) == 2  # only embedded tiers: no controller call at all

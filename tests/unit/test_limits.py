@@ -25,8 +25,8 @@ from serving.gateway.limits import (
     allowed_params,
     check_content_length,
     check_request,
+    check_tier_cap,
     read_limited,
-    request_timeout_s,
     tier_max_tokens,
     vllm_params,
 )
@@ -45,7 +45,7 @@ def rejected(endpoint: str, body: dict[str, Any], cap: int | None = 512, **limit
 def test_defaults_are_safe() -> None:
     d = LimitsConfig()
     assert (d.max_body_bytes, d.max_messages, d.max_chars_per_message, d.max_n) == (1 << 20, 512, 200_000, 4)
-    assert d.strict_params and d.max_tokens_cap is None and d.request_timeout_s is None
+    assert d.strict_params and d.max_tokens_cap is None
     assert AppConfig.model_validate({"tiers": {"fast": tier()}}).limits == d
 
 
@@ -211,15 +211,16 @@ def test_fallback_to_the_static_list(monkeypatch: pytest.MonkeyPatch) -> None:
     assert vllm_params("chat") == (VLLM_PARAMS_SNAPSHOT["chat"], "static")
 
 
-def test_tier_caps_and_timeouts() -> None:
+def test_tier_caps() -> None:
     assert tier_max_tokens(tier(), LimitsConfig()) == 4096
     assert tier_max_tokens(tier(), LimitsConfig(max_tokens_cap=1024)) == 1024
     assert tier_max_tokens(tier(max_tokens_cap=256), LimitsConfig(max_tokens_cap=1024)) == 256
     assert tier_max_tokens(tier(max_tokens_cap=10**6), LimitsConfig()) == 4096  # never past the context
-    config = AppConfig.model_validate({"tiers": {"fast": tier()}})
-    assert request_timeout_s(config) == config.ingress.request_timeout_s
-    config = AppConfig.model_validate({"tiers": {"fast": tier()}, "limits": {"request_timeout_s": 30}})
-    assert request_timeout_s(config) == 30
+    check_tier_cap({"max_tokens": 256}, 256)
+    with pytest.raises(APIError) as err:
+        check_tier_cap({"max_completion_tokens": 257}, 256)
+    assert (err.value.status, err.value.param) == (400, "max_completion_tokens")
+    assert err.value.code == "integer_above_max_value"
 
 
 def test_config_sections_parse_and_bad_values_name_their_path() -> None:

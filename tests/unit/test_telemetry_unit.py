@@ -1,12 +1,10 @@
-"""Request records feed the metrics and the router's wait estimate; the estimate itself."""
+"""The router's wait estimate, and the engines' metrics as the ingress reads and re-exports them."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from serving.ops.metrics import (
-    LOCAL,
-    RequestMetrics,
     engine_metrics_text,
     engine_waiting,
     estimate_wait_s,
@@ -22,27 +20,6 @@ def test_wait_estimate_counts_requests_beyond_the_batch_capacity() -> None:
     assert estimate_wait_s(ongoing=99, replicas=None, batch=8, mean_duration_s=2.0) is None  # unknown
     assert estimate_wait_s(ongoing=99, replicas=0, batch=8, mean_duration_s=2.0) is None
     assert estimate_wait_s(ongoing=99, replicas=1, batch=8, mean_duration_s=None) is None  # nothing served yet
-
-
-def test_records_keep_in_flight_and_a_duration_average_of_local_successes() -> None:
-    metrics = RequestMetrics(CollectorRegistry())
-    a = metrics.begin("fast", "chat")
-    b = metrics.begin("fast", "chat")
-    assert metrics.ongoing["fast"] == 2
-    a.started -= 2.0
-    a.finish(200, 10, 5)
-    a.finish(200, 10, 5)  # a second finish is a no-op
-    assert metrics.ongoing["fast"] == 1
-    assert 1.9 < metrics.mean_duration_s["fast"] < 2.5
-    b.provider = "peer"  # served by a provider: not a measure of the local engine
-    b.started -= 10.0
-    b.finish(200)
-    assert metrics.ongoing["fast"] == 0 and metrics.mean_duration_s["fast"] < 2.5
-    c = metrics.begin("fast", "chat")
-    c.finish(500)  # failures don't move it either
-    assert metrics.mean_duration_s["fast"] < 2.5
-    assert metrics.registry.get_sample_value(
-        "tierserve_requests_total", {"tier": "fast", "provider": LOCAL, "endpoint": "chat", "status": "200"}) == 1
 
 
 def test_engine_queue_is_read_from_the_gauge_alone_and_agrees_with_the_scraped_text() -> None:

@@ -1,0 +1,47 @@
+"""A Ray Serve deployment handle (a tier deployment or the provider deployment) as a backend."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from serving.wire.backend import ItemStream
+from serving.wire.items import Call, Result
+
+
+class HandleBackend:
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.streaming = handle.options(stream=True)
+
+    async def complete(self, call: Call) -> Result:
+        response = self.handle.complete.remote(call)
+        try:
+            result: Result = await response
+        except asyncio.CancelledError:
+            response.cancel()  # a timeout or a client gone: the replica stops working on it too
+            raise
+        return result
+
+    def stream(self, call: Call) -> ItemStream:
+        stream: ItemStream = self.streaming.stream.remote(call)  # DeploymentResponseGenerator: has cancel()
+        return stream
+
+    async def _call(self, method: str) -> Any:
+        return await getattr(self.handle, method).remote()
+
+    async def probe(self) -> float:
+        latency: float = await self._call("probe")
+        return latency
+
+    async def waiting(self) -> int:
+        count: int = await self._call("waiting")
+        return count
+
+    async def engine_metrics(self) -> tuple[str, str]:
+        replica, text = await self._call("engine_metrics")
+        return replica, text
+
+    async def gpu_snapshot(self) -> dict[str, Any]:
+        snapshot: dict[str, Any] = await self._call("gpu_snapshot")
+        return snapshot

@@ -1,0 +1,33 @@
+"""Server-sent events as the backends and the dispatcher handle them: the end marker, error events, and the
+usage that tierserve always asks for and a client that did not ask never sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+DONE_TEXT = DONE.decode()
+_ERROR_PREFIX = 'data: {"error"'
+_ERROR_PREFIX_BYTES = _ERROR_PREFIX.encode()
+
+
+def is_error_event(event: bytes | str) -> bool:
+    """An in-stream error in OpenAI's shape (`data: {"error": ...}`), ours or an upstream's."""
+    if isinstance(event, bytes):
+        return event.startswith(_ERROR_PREFIX_BYTES)
+    return event.startswith(_ERROR_PREFIX)
+
+
+def is_done(event: bytes | str) -> bool:
+    return (event if isinstance(event, bytes) else event.encode()).startswith(DONE[:-2])
+
+
+def with_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(the body asking for the final usage chunk, whether the client asked for it itself): budgets and metrics
+    count streamed tokens too, and the usage-only chunk is dropped again for a client that didn't ask. A
+    malformed `stream_options` is left as it is, for the engine or upstream to reject."""
+    options = body.get("stream_options")
+    client_wants = isinstance(options, dict) and bool(options.get("include_usage"))
+    if options is None or isinstance(options, dict):
+        body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+    return body, client_wants
