@@ -1,8 +1,9 @@
 """`python -m benchmarks`: tierserve vs bare vLLM vs a LiteLLM proxy, same model, same workload, one run.
 
 See benchmarks/README.md. By default it starts all three systems on loopback with the tiny model of the
-local profile's `fast` tier (seed 3); `--target NAME=URL` benchmarks already-running OpenAI-compatible
-servers instead (an operator's GPU VM).
+local profile's `fast` tier (seed 3); `--profile NAME` starts them on one tier of that models.yaml profile
+(its model and engine settings: the GPU VM's run); `--target NAME=URL` benchmarks already-running
+OpenAI-compatible servers instead.
 """
 
 from __future__ import annotations
@@ -23,21 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report, servers
+from benchmarks import cost, report, servers
+from benchmarks import profile as profiles
 from benchmarks.loadgen import PromptMaker, Sample, Workload, one_request, run_level
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEPS = {"full": [1, 8, 16, 32, 64, 128], "smoke": [1, 4]}
 DEFAULT_SERVED = "tiny-bench"
+DEFAULT_MAX_MODEL_LEN = 512
+DEFAULT_MAX_NUM_SEQS = 256
 SYSTEM_TEXT = {
     "bare": "vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`)",
     "tierserve": "`tierserve up` serving the same model directory as tier `bench`, embedded in the ingress "
     "replica (HTTP → ingress replica: auth, routing, metrics, vLLM's serving code → engine core); "
     "with --no-embed: HTTP → ingress replica → tier replica → engine core; the tier sets "
-    "`colocate_engine_core`, so its engine core runs on its worker's CPUs (serving/affinity.py)",
+    "`colocate_engine_core`, so its engine core runs on its worker's CPUs (serving/backends/affinity.py)",
     "litellm": "LiteLLM proxy (`litellm --config`, 1 worker) in front of the same bare vLLM",
     "bare-colocated": "the same bare vLLM server with its engine-core process moved onto its worker's CPUs "
-    "after start, as tierserve does for a CPU tier with `colocate_engine_core` (serving/affinity.py): "
+    "after start, as tierserve does for a CPU tier with `colocate_engine_core` (serving/backends/affinity.py): "
     "tierserve against it is the gateway's cost alone",
 }
 SYSTEMS = ("bare", "bare-colocated", "tierserve", "litellm")  # report order; these get the ratios
@@ -61,11 +65,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="requests per level (default: max(32, 4 x concurrency); smoke: max(8, 2 x concurrency))",
     )
     p.add_argument("--warmup", type=int, default=8, help="warm-up requests per system and mode")
-    p.add_argument("--model-dir", help="HF-format model directory (default: the tiny model, seed 3)")
+    p.add_argument(
+        "--profile",
+        help="start the systems on one tier of this models.yaml profile (--config): its model, served name and "
+        "engine settings, and its price and paid providers for the cost section",
+    )
+    p.add_argument("--tier", help="with --profile: the tier to measure (default: the profile's routing.default_tier)")
+    p.add_argument(
+        "--schedule",
+        choices=("auto", "together", "apart"),
+        default="auto",
+        help="together: every engine resident at once, levels interleave the systems; apart: bare vLLM + LiteLLM "
+        "measured and stopped, then tierserve (a GPU that can't hold two of the tier's engines); auto: apart only "
+        "for a --profile GPU tier whose engines don't fit its GPU together",
+    )
+    p.add_argument("--cache-dir", help="with --profile: where a tiny_seed tier's model is generated (default: "
+                   "TIERSERVE_CACHE_DIR's); hub repos go to the Hugging Face cache (HF_HOME)")
+    p.add_argument("--model-dir", help="HF-format model directory (default: the tiny model, seed 3; with "
+                   "--profile: the tier's model.repo/path/tiny_seed)")
     p.add_argument("--tiny-seed", type=int, default=3)
-    p.add_argument("--served-name", default=DEFAULT_SERVED)
-    p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--served-name", default=None,
+                   help=f"the model name served (default: {DEFAULT_SERVED}; with --profile: the tier's served_name)")
+    p.add_argument("--max-model-len", type=int, help=f"default {DEFAULT_MAX_MODEL_LEN} (not with --profile)")
+    p.add_argument("--max-num-seqs", type=int, help=f"default {DEFAULT_MAX_NUM_SEQS} (not with --profile)")
     p.add_argument(
         "--no-features",
         action="store_true",
@@ -74,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-embed",
         action="store_true",
-        help="tierserve's tier in its own deployment (default: ingress.embed_tier, in the ingress replica)",
+        help="tierserve's tier in its own deployment (default: ingress.embed_tier, in the ingress replica; with "
+        "--profile: where the profile runs that tier)",
     )
     p.add_argument(
         "--target",
@@ -104,9 +127,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         help="price of the machine per hour (default: the first tier's cost_per_gpu_hour_usd in "
-        "models.yaml, else 2.00)",
+        "models.yaml, else 2.00); with --profile: of one whole GPU, the tier paying its resources.gpus of it "
+        "(default: the tier's cost_per_hour_usd, else cost_per_gpu_hour_usd x resources.gpus)",
     )
-    p.add_argument("--models-yaml", default=str(servers.ROOT / "models.yaml"), help="for prices")
+    p.add_argument(
+        "--provider-price",
+        action="append",
+        default=[],
+        metavar="NAME=INPUT/OUTPUT",
+        help="a provider's USD per 1M input/output tokens to break even against, besides models.yaml's paid "
+        "providers; repeat (e.g. openai=2/8)",
+    )
+    p.add_argument("--config", "--models-yaml", dest="models_yaml", default=str(servers.ROOT / "models.yaml"),
+                   help="the models.yaml of --profile, and of the prices")
     p.add_argument("--probe-pairs", type=int, default=20, help="request pairs for the auto/fallback probes")
     p.add_argument("--machine", help="machine label in the file names (default: host name and cores)")
     p.add_argument("--out-dir", default=str(RESULTS))
@@ -252,6 +285,10 @@ class Plan:
     targets: dict[str, Endpoint]  # --target servers; none: start the --systems here
     model_dir: Path | None  # None only with --target and no --model-dir
     tokenizer_dir: str | None
+    tier: profiles.ProfileTier | None = None  # --profile: the tier measured
+    schedule: tuple[str, str] = ("together", "default")  # (together | apart, why)
+    stagger: bool = False  # start the engines one after another (GPU: vLLM profiles its memory at start)
+    embed: bool = True  # tierserve's tier in the ingress replica
 
 
 @dataclass
@@ -261,6 +298,7 @@ class Systems:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     started: list[servers.Server] = field(default_factory=list)  # all stopped at the end, whatever happens
     tierserve_note: dict = field(default_factory=dict)
+    stop_problems: list[str] = field(default_factory=list)  # of servers stopped before the end (--schedule apart)
 
     @property
     def order(self) -> list[str]:
@@ -290,12 +328,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if plan.targets:
             systems.endpoints.update(plan.targets)
+            measured = measure(args, plan, systems)
+        elif plan.schedule[0] == "apart":
+            measured = measure_apart(args, plan, systems, engines_before)
         else:
             start_local(args, plan, systems)
-        measured = measure(args, plan, systems)
+            measured = measure(args, plan, systems)
         doc = document(args, plan, systems, measured, started, host)
     finally:
-        stop_problems = stop_all(systems.started, engines_before)
+        stop_problems = systems.stop_problems + stop_all(systems.started, engines_before)
     if not doc:
         return 1
     doc["meta"]["stop_problems"] = stop_problems
@@ -313,6 +354,11 @@ def plan_run(args: argparse.Namespace) -> Plan:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tierserve-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     work = Workload(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+    if args.profile:
+        return plan_profile(args, concurrency, modes, workdir, work)
+    args.served_name = args.served_name or DEFAULT_SERVED
+    args.max_model_len = args.max_model_len or DEFAULT_MAX_MODEL_LEN
+    args.max_num_seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS
     targets = target_endpoints(args)
     model_dir = Path(args.model_dir).resolve() if args.model_dir else None
     if model_dir is None and not targets:
@@ -322,7 +368,54 @@ def plan_run(args: argparse.Namespace) -> Plan:
         # The very directory the local profile's tier with this seed serves (`fast`: seed 3).
         model_dir = Path(cached_tiny_model(Settings().cache_dir, args.tiny_seed)).resolve()
     tokenizer_dir = args.tokenizer or (str(model_dir) if model_dir else None)
-    return Plan(concurrency, modes, workdir, work, targets, model_dir, tokenizer_dir)
+    schedule = (args.schedule, f"--schedule {args.schedule}") if args.schedule != "auto" else ("together", "default")
+    return Plan(concurrency, modes, workdir, work, targets, model_dir, tokenizer_dir, schedule=schedule,
+                embed=not args.no_embed)
+
+
+def plan_profile(
+    args: argparse.Namespace, concurrency: list[int], modes: list[str], workdir: Path, work: Workload,
+    memory: int | None = None, resolve: Callable[[profiles.ProfileTier, Path], Path] | None = None,
+) -> Plan:
+    """The plan of a --profile run: the tier, its weights as a directory (resolved now, before anything
+    starts: a download can take long), the schedule. `memory` (the GPU's bytes, default NVML's reading) and
+    `resolve` are there for tests."""
+    clash = [f for f, v in (("--target", args.target), ("--max-model-len", args.max_model_len),
+                            ("--max-num-seqs", args.max_num_seqs)) if v]  # fmt: skip
+    if clash:
+        raise SystemExit(f"--profile takes the tier's own settings; drop {', '.join(clash)} (or edit the profile)")
+    pt = profiles.select(args.models_yaml, args.profile, args.tier)
+    tier = pt.tier
+    args.served_name = args.served_name or tier.served_name
+    args.max_model_len, args.max_num_seqs = tier.engine.max_model_len, tier.engine.max_num_seqs
+    if args.prompt_tokens + args.output_tokens > tier.engine.max_model_len:
+        raise SystemExit(f"--prompt-tokens + --output-tokens exceed tier {pt.name}'s max_model_len "
+                         f"{tier.engine.max_model_len}")
+    wanted = wanted_systems(args)
+    if pt.on_gpu and "bare-colocated" in wanted:
+        raise SystemExit("bare-colocated moves a CPU engine core; tier " + pt.name + " runs on a GPU")
+    if memory is None and pt.on_gpu:
+        memory, why = profiles.gpu_memory()
+        if memory is None:  # before a download of weights this machine cannot serve
+            raise SystemExit(f"tier {pt.name} of profile {pt.profile} runs on a GPU (resources.gpus "
+                             f"{pt.tier.resources.gpus:g}) and this machine has none NVML can read: {why}")
+    if args.model_dir:
+        model_dir = Path(args.model_dir).resolve()
+    else:
+        from serving.config import Settings
+
+        cache = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir
+        print(f"tier {pt.name}: preparing weights {tier.model.model_dump(exclude_none=True)}", flush=True)
+        model_dir = (resolve or profiles.resolve_model)(pt, cache)
+    schedule = profiles.schedule(pt, wanted, args.schedule, memory)
+    tokenizer_dir = args.tokenizer or str(model_dir)
+    embed = pt.embedded and not args.no_embed
+    return Plan(concurrency, modes, workdir, work, {}, model_dir, tokenizer_dir, tier=pt, schedule=schedule,
+                stagger=pt.on_gpu, embed=embed)
+
+
+def wanted_systems(args: argparse.Namespace) -> list[str]:
+    return [s.strip() for s in args.systems.split(",") if s.strip()]
 
 
 def target_endpoints(args: argparse.Namespace) -> dict[str, Endpoint]:
@@ -339,17 +432,27 @@ def target_endpoints(args: argparse.Namespace) -> dict[str, Endpoint]:
 # -- starting the systems -----------------------------------------------------------------------------
 
 
-def start_local(args: argparse.Namespace, plan: Plan, systems: Systems) -> None:
-    """Start the --systems on loopback and wait until each has generated a token. The LiteLLM proxy comes
-    last, in front of the bare vLLM once that is ready; bare vLLM also runs when only LiteLLM is wanted."""
-    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
-    made, systems.tierserve_note = local_servers(args, plan, wanted)
+def start_local(args: argparse.Namespace, plan: Plan, systems: Systems, wanted: list[str] | None = None) -> None:
+    """Start the --systems (or `wanted`) on loopback and wait until each has generated a token. The LiteLLM
+    proxy comes last, in front of the bare vLLM once that is ready; bare vLLM also runs when only LiteLLM is
+    wanted. With `plan.stagger` each engine starts once the one before is ready."""
+    wanted = wanted_systems(args) if wanted is None else wanted
+    made, note = local_servers(args, plan, wanted)
+    if "tierserve" in made:
+        systems.tierserve_note = note
     print(f"workdir {plan.workdir} (logs, generated configs)", flush=True)
     first = list(made.values())
-    launch(systems.started, *first)
     t0 = time.monotonic()
-    print("starting " + ", ".join(s.name for s in first) + " ...", flush=True)
-    servers.wait_ready(first, args.start_timeout, report_ready)
+    if plan.stagger:
+        # Two vLLM engines profiling one GPU's memory at once miscount each other's allocations.
+        for s in first:
+            launch(systems.started, s)
+            print(f"starting {s.name} ...", flush=True)
+            servers.wait_ready([s], args.start_timeout, report_ready)
+    else:
+        launch(systems.started, *first)
+        print("starting " + ", ".join(s.name for s in first) + " ...", flush=True)
+        servers.wait_ready(first, args.start_timeout, report_ready)
     if "bare-colocated" in made:
         for pid, cpus in servers.colocate(made["bare-colocated"]).items():
             print(f"  bare-colocated: engine core {pid} moved onto CPUs {sorted(cpus)}", flush=True)
@@ -368,6 +471,8 @@ def local_servers(
     """The servers to start first, by name in start order, not started yet; and tierserve's config note."""
     model_dir = plan.model_dir
     assert model_dir is not None, "plan_run picks a model whenever nothing is --target"
+    if plan.tier is not None:
+        return profile_servers(args, plan, plan.tier, model_dir, wanted)
     # Every system serves the same model under the same name and engine limits.
     same = (model_dir, args.served_name, plan.workdir, args.max_model_len, args.max_num_seqs)
     made: dict[str, servers.Server] = {}
@@ -380,6 +485,27 @@ def local_servers(
         bare_url = made["bare"].base_url if "bare" in made else None
         made["tierserve"], note = servers.tierserve(
             *same, bare_url, features=not args.no_features, embed=not args.no_embed
+        )
+        if bare_url is None and not args.no_features:
+            note.update(features_configured=False,
+                        features_reason="no bare vLLM runs beside tierserve to be its fallback provider")
+    return made, note
+
+
+def profile_servers(
+    args: argparse.Namespace, plan: Plan, pt: profiles.ProfileTier, model_dir: Path, wanted: list[str]
+) -> tuple[dict[str, servers.Server], dict]:
+    """local_servers for a --profile tier: the same systems on the tier's model and engine settings."""
+    made: dict[str, servers.Server] = {}
+    note: dict = {}
+    if "bare" in wanted or "litellm" in wanted:
+        made["bare"] = profiles.bare_vllm(pt, model_dir, args.served_name, plan.workdir)
+    if "bare-colocated" in wanted:
+        made["bare-colocated"] = profiles.bare_vllm(pt, model_dir, args.served_name, plan.workdir, "bare-colocated")
+    if "tierserve" in wanted:
+        bare_url = made["bare"].base_url if "bare" in made else None
+        made["tierserve"], note = profiles.tierserve(
+            pt, model_dir, args.served_name, plan.workdir, bare_url, not args.no_features, plan.embed
         )
     return made, note
 
@@ -405,6 +531,44 @@ def measure(args: argparse.Namespace, plan: Plan, systems: Systems) -> Measured:
     idle = measure_idle(systems.started, args.idle_seconds)
     snapshot(systems.started)
     return Measured(results, raw, probes, idle)
+
+
+def measure_apart(args: argparse.Namespace, plan: Plan, systems: Systems, engines_before: set[int]) -> Measured:
+    """--schedule apart: bare vLLM (and LiteLLM in front of it) started, measured and stopped, then tierserve;
+    one engine resident at a time. The fallback-hop probe needs both at once, so it is not available."""
+    wanted = wanted_systems(args)
+    phases = [[n for n in wanted if n != "tierserve"], [n for n in wanted if n == "tierserve"]]
+    parts: list[Measured] = []
+    probes: dict[str, dict] = {}
+    for phase in (p for p in phases if p):
+        sub = Systems()
+        try:
+            start_local(args, plan, sub, phase)
+        finally:
+            systems.started += sub.started  # stopped at the end too, whatever happens here
+        systems.endpoints.update(sub.endpoints)
+        if sub.tierserve_note:
+            systems.tierserve_note = sub.tierserve_note
+        parts.append(measure(args, plan, sub))
+        if "tierserve" in phase or not probes:  # the probes measure tierserve
+            probes = parts[-1].probes
+        systems.stop_problems += stop_all(sub.started, engines_before)
+    return merge_measured(parts, systems.order, probes)
+
+
+def merge_measured(parts: list[Measured], order: list[str], probes: dict[str, dict]) -> Measured:
+    """One Measured of several phases' (each a subset of the systems), systems in report order."""
+    results: dict[str, dict[str, dict[int, dict]]] = {}
+    raw: dict[str, Any] = {}
+    for part in parts:
+        for mode, per_system in part.results.items():
+            results.setdefault(mode, {}).update(per_system)
+        for mode, per_system in part.raw.items():
+            raw.setdefault(mode, {}).update(per_system)
+    ordered = {m: {n: r[n] for n in order if n in r} for m, r in results.items()}
+    ordered_raw = {m: {n: r[n] for n in order if n in r} for m, r in raw.items()}
+    idle = {name: parts_ for p in parts for name, parts_ in p.idle.items()}
+    return Measured(ordered, ordered_raw, probes, idle)
 
 
 def run_loads(
@@ -518,22 +682,60 @@ def document(
     host: dict[str, Any],
 ) -> dict[str, Any]:
     """The run's .json document (report.write renders it); the stop's outcome is added once known."""
-    hourly, source, hosted = prices(args.models_yaml, args.gpu_hourly_usd)
     rat = report.ratios(measured.results, against=tuple(n for n in SYSTEMS if n != "tierserve"))
     return {
         "meta": run_meta(args, plan, systems, measured, started, host),
         "results": measured.results,
         "ratios": rat,
         "targets": report.targets(rat),
-        "cost": {
-            "gpu_hourly_usd": hourly,
-            "price_source": source,
-            "hosted": hosted,
-            "per_mode": report.cost_table(measured.results, hourly),
-        },
+        "cost": cost_block(args, plan, measured.results),
         "probes": measured.probes,
         "idle_cpu": {"seconds": args.idle_seconds, "systems": measured.idle},
         "raw": {"fields": report.RAW_FIELDS, "levels": measured.raw},
+    }
+
+
+GPU_COST_CAVEAT = (
+    "Measured with only this tier's engine on its GPU(s), the profile's other tiers not loaded, and priced at "
+    "its resources.gpus share of the GPU: its cost while the other tiers leave the GPU's compute to it."
+)
+CPU_COST_CAVEAT = (
+    "On this CPU machine with a tiny model this only shows the method and the relative cost of each gateway; "
+    "run it with --profile on the GPU VM for real prices."
+)
+
+
+def cost_block(args: argparse.Namespace, plan: Plan, results: dict[str, dict[str, dict[int, dict]]]) -> dict:
+    """doc["cost"]: the price used and its source, the providers' prices, the best level per system
+    (report.cost_table), and under `tier` the measured tier's cost per level and break-even (benchmarks/cost.py)."""
+    try:
+        extra = [cost.parse_price(x) for x in args.provider_price]
+    except ValueError as exc:
+        raise SystemExit(f"--provider-price: {exc}") from None
+    mix = cost.Mix(args.prompt_tokens, args.output_tokens)
+    pt = plan.tier
+    if pt is not None:
+        hourly, source = cost.tier_price(pt.tier, args.gpu_hourly_usd)
+        providers = cost.paid_providers(pt.config.providers) + extra
+        name = pt.name
+        caveat: str | None = GPU_COST_CAVEAT if pt.on_gpu else CPU_COST_CAVEAT
+        if pt.tier.model.tiny_seed is None and not pt.on_gpu:
+            caveat = None
+    else:
+        machine_hourly, source, hosted_prices = prices(args.models_yaml, args.gpu_hourly_usd)
+        hourly = machine_hourly
+        providers = [cost.ProviderPrice(n, p["input"] or 0.0, p["output"] or 0.0) for n, p in hosted_prices.items()]
+        providers += extra
+        name = "machine" if plan.targets else servers.BENCH_TIER
+        caveat = None if plan.targets else CPU_COST_CAVEAT
+    tier = cost.tier_report(name, hourly, source, results, providers, mix)
+    tier["caveat"] = caveat
+    return {
+        "gpu_hourly_usd": hourly,
+        "price_source": source,
+        "hosted": {p.name: {"output": p.output_per_1m_usd, "input": p.input_per_1m_usd} for p in providers},
+        "per_mode": report.cost_table(results, hourly) if hourly is not None else {},
+        "tier": tier,
     }
 
 
@@ -563,27 +765,59 @@ def run_meta(
             "requests_rule": requests_rule(args),
             "requests": {c: requests_for(c, args) for c in plan.concurrency},
         },
-        "systems": describe_systems(systems, bool(plan.targets)),
+        "systems": describe_systems(systems, bool(plan.targets), plan),
         "endpoints": {n: {"url": e["url"], "model": e["model"]} for n, e in systems.endpoints.items()},
         "startup_s": {s.name: round(s.ready_s, 1) for s in systems.started if s.ready_s is not None},
         "tierserve_config": note.get("config"),
         "tierserve_features_rejected": note.get("features_rejected"),
         "noise": noise_note(args, measured.results),
+        **({"notes": notes} if (notes := run_notes(plan)) else {}),
+        **({"profile": profiles.meta(plan.tier, plan.model_dir, plan.schedule, plan.embed)}
+           if plan.tier is not None and plan.model_dir is not None else {}),
+        **({"schedule": plan.schedule[0], "schedule_reason": plan.schedule[1]} if plan.schedule[0] == "apart" else {}),
     }
 
 
-def describe_systems(systems: Systems, targets: bool) -> dict[str, str]:
+def describe_systems(systems: Systems, targets: bool, plan: Plan | None = None) -> dict[str, str]:
     """A sentence per system for the report: what it is, or for a --target where it was reached."""
     eps = systems.endpoints
-    text = {n: f"{eps[n]['url']} model {eps[n]['model']}" if targets else SYSTEM_TEXT.get(n, "") for n in systems.order}
+    known = SYSTEM_TEXT
+    if plan is not None and plan.tier is not None:
+        known = profiles.system_text(plan.tier, plan.embed, SYSTEM_TEXT)
+    text = {n: f"{eps[n]['url']} model {eps[n]['model']}" if targets else known.get(n, "") for n in systems.order}
     note = systems.tierserve_note
     if note and "tierserve" in text:
         text["tierserve"] += (
             "; routing (`auto`), a fallback provider and a scaled-to-zero fallback tier configured"
             if note.get("features_configured")
+            else f"; routing/fallback not configured: {note['features_reason']}"
+            if note.get("features_reason")
             else "; routing/fallback not configurable in this checkout (schema rejected them)"
         )
     return text
+
+
+def run_notes(plan: Plan) -> list[str]:
+    """The report's notes on how this run differs from the default one."""
+    notes = []
+    pt = plan.tier
+    if pt is not None:
+        t = pt.tier
+        source = t.model.model_dump(exclude_none=True)
+        notes.append(
+            f"--profile {pt.profile} ({pt.config_path}), tier `{pt.name}`: model {source} from {plan.model_dir}, "
+            f"served as `{t.served_name}`; engine {t.engine.model_dump(mode='json')}; "
+            f"resources.gpus {t.resources.gpus:g}" + (f", env {dict(t.resources.env)}" if t.resources.env else "")
+        )
+    if plan.schedule[0] == "apart":
+        notes.append(
+            f"Schedule apart ({plan.schedule[1]}): bare vLLM and LiteLLM were started, measured and stopped "
+            "before tierserve started, so the levels do not interleave tierserve with the others"
+        )
+    elif plan.stagger:
+        notes.append("The engines started one after another (vLLM profiles the GPU's free memory at start); "
+                     "all stayed resident and the levels interleave the systems")
+    return notes
 
 
 SMALL_MACHINE_NOISE = (
@@ -633,8 +867,17 @@ def engines_left(started: list[servers.Server], engines_before: set[int], wait_s
 
 
 def write_files(doc: dict[str, Any], out_dir: Path) -> None:
-    for f in report.write(doc, out_dir, f"{doc['meta']['date']}-{doc['meta']['machine']}"):
+    for f in report.write(doc, out_dir, file_stem(doc["meta"])):
         print(f"wrote {f}")
+
+
+def file_stem(meta: dict[str, Any]) -> str:
+    """<date>-<machine>, and for a --profile run -<profile>-<tier>: one file set per tier measured."""
+    stem = f"{meta['date']}-{meta['machine']}"
+    prof = meta.get("profile")
+    if prof:
+        stem += "-" + machine_label(f"{prof['profile']}-{prof['tier']}")
+    return stem
 
 
 def print_summary(doc: dict[str, Any]) -> None:
@@ -645,6 +888,10 @@ def print_summary(doc: dict[str, Any]) -> None:
             print(
                 f"{name} {mode} output tok/s: " + ", ".join(f"c={c} {r['output_tok_per_s']}" for c, r in rows.items())
             )
+    tier_cost = doc.get("cost", {}).get("tier")
+    if tier_cost:
+        for line in cost.summary_lines(tier_cost):
+            print(line)
 
 
 def check_alive(started: list[servers.Server]) -> None:
@@ -677,7 +924,9 @@ def run_probes(args: argparse.Namespace, endpoints: dict, note: dict, maker: Pro
         probe_pairs((ts["url"], "auto"), (ts["url"], ts["model"]), prompts, short, lambda s: None)
     )
     probes["auto_routing"]["description"] = "tierserve `model: auto` (routed to the same tier) minus the tier by name"
-    if not note.get("features_configured") and not args.target:
+    if note.get("features_reason"):
+        probes["fallback_hop"] = {"available": False, "reason": note["features_reason"]}
+    elif not note.get("features_configured") and not args.target:
         probes["fallback_hop"] = {
             "available": False,
             "reason": "this checkout's models.yaml schema rejected the "

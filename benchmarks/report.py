@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cost
 from benchmarks.loadgen import Sample
 
 MODES = ("stream", "nonstream")
@@ -238,7 +239,7 @@ def markdown(doc: dict, png: list[Path]) -> str:
         *(line for mode, systems in doc["results"].items() for line in _md_results(mode, systems)),
         *_md_ratios(doc["ratios"]),
         *_md_targets(doc.get("targets")),
-        *_md_cost(doc["cost"]),
+        *(_md_tier_cost(doc["cost"]["tier"]) if doc["cost"].get("tier") else _md_cost(doc["cost"])),
         *_section("Routing and fallback overhead", [_probe_line(n, p) for n, p in doc["probes"].items()]),
         *_md_idle(doc.get("idle_cpu") or {}),
         *(_section("Plots", [f"![{p.stem}]({p.name})" for p in png]) if png else []),
@@ -387,6 +388,12 @@ def _md_cost(cost: dict) -> list[str]:
         *hosted,
     ]
     return _section("Cost per 1M output tokens", body)
+
+
+def _md_tier_cost(tier: dict) -> list[str]:
+    """The measured tier's cost per level and break-even (benchmarks/cost.py); older documents have only
+    the machine-price table (_md_cost)."""
+    return cost.markdown(tier, tier.get("caveat"))
 
 
 def _probe_line(name: str, probe: dict) -> str:

@@ -64,12 +64,15 @@ class Server:
     ready_seen: dict[int, tuple[float, str]] = field(default_factory=dict)  # descendants at readiness
     started_at: float = 0.0
     ready_s: float | None = None
+    setup: Callable[[Server], None] | None = None  # run just before the start (files, keys)
 
     @property
     def base_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}/v1"
 
     def start(self) -> None:
+        if self.setup is not None:
+            self.setup(self)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -321,36 +324,53 @@ def tierserve(
     embed: bool = True,
 ) -> tuple[Server, dict]:
     """`tierserve up` on a generated config; returns the server and a note on which features are configured."""
+    return tierserve_from(
+        lambda with_features: tierserve_config(
+            model_dir, served, max_model_len, max_num_seqs, bare_url, with_features, embed
+        ),
+        served, workdir, features,
+    )  # fmt: skip
+
+
+def tierserve_from(make_doc: Callable[[bool], dict], served: str, workdir: Path, features: bool) -> tuple[Server, dict]:
+    """`tierserve up` on the config `make_doc(features)` (profile `bench`), not started: the config file and the
+    agent key are written when it starts. Falls back to `make_doc(False)` when this checkout's schema rejects
+    the features. Returns the server and a note on which features are configured."""
     note: dict = {"features_configured": False, "features_rejected": []}
-    doc = tierserve_config(model_dir, served, max_model_len, max_num_seqs, bare_url, features, embed)
+    doc = make_doc(features)
     if features:
         problems = validate_config(doc)
         if problems:  # this checkout's schema has no routing/fallback yet: measure the plain tier
             note["features_rejected"] = problems
-            doc = tierserve_config(model_dir, served, max_model_len, max_num_seqs, bare_url, False, embed)
+            doc = make_doc(False)
         else:
             note["features_configured"] = True
     problems = validate_config(doc)
     if problems:
         raise RuntimeError(f"tierserve rejects the benchmark config: {problems}")
     cfg = workdir / "models.yaml"
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     # API keys stay on, as in production: the load generator is an agent with its own key.
     env = child_env(TIERSERVE_STATE_DIR=str(workdir / "state"))
     env.pop("TIERSERVE_KEYS_FILE", None)
-    created = subprocess.run(
-        [bin_of("tierserve"), "keys", "--config", str(cfg), "--profile", "bench", "create", "--agent", "bench"],
-        env=env, capture_output=True, text=True, check=True,
-    )
-    key = created.stdout.strip()
     port = free_port()
     cmd = [bin_of("tierserve"), "up", "--config", str(cfg), "--profile", "bench", "--host", LOOPBACK,
            "--port", str(port), "--cache-dir", str(workdir / "cache")]  # fmt: skip
-    server = Server("tierserve", cmd, port, served, workdir / "tierserve-up.log", env, api_key=key)
+    server = Server("tierserve", cmd, port, served, workdir / "tierserve-up.log", env,
+                    setup=lambda s: write_tierserve_setup(s, doc, cfg))  # fmt: skip
     note["auth"] = "on (one agent key)" if doc.get("auth", {}).get("enabled", True) else "off"
     note["config"] = doc
     return server, note
+
+
+def write_tierserve_setup(server: Server, doc: dict, cfg: Path) -> None:
+    """Write the config and create the load generator's agent key, just before `tierserve up` starts."""
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    created = subprocess.run(
+        [bin_of("tierserve"), "keys", "--config", str(cfg), "--profile", "bench", "create", "--agent", "bench"],
+        env=server.env, capture_output=True, text=True, check=True,
+    )
+    server.api_key = created.stdout.strip()
 
 
 def litellm_proxy(served: str, bare_url: str, workdir: Path) -> Server:

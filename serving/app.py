@@ -16,7 +16,7 @@ from ray.serve import Application, Deployment
 from serving.api.ingress import Ingress, api
 from serving.backends.fallback import FallbackServer
 from serving.backends.tier import TierServer
-from serving.config import AppConfig, AuthSettings, Resources, Settings, Tier, load_config
+from serving.config import AppConfig, AuthSettings, Resources, Settings, Tier, deployment_name, load_config
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
     if res.env:
         actor_options["runtime_env"] = {"env_vars": dict(res.env)}
     options: dict[str, Any] = {
-        "name": f"tier-{name}",
+        "name": deployment_name(name),
         "ray_actor_options": actor_options,
         "max_ongoing_requests": tier.replicas.max_ongoing_requests,
         **ENGINE_REPLICA_OPTIONS,

@@ -1,4 +1,4 @@
-"""`tierserve` commands: validate, make-tiny-model, fetch-models, up, gpus, keys."""
+"""`tierserve` commands: validate (and the GPU fit check), make-tiny-model, fetch-models, up, gpus, keys, inventory."""
 
 from __future__ import annotations
 
@@ -21,20 +21,101 @@ from pydantic import ValidationError
 from serving.config import AppConfig, AuthConfig, AuthSettings, ConfigError, Settings, load_config, validate_file
 
 if TYPE_CHECKING:
+    from serving.ops.fit import MetadataLookup, ModelMetadata
     from serving.security.keys import KeyStore
 
 DEFAULT_DEPLOYMENT = "deployments/local.yaml"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """The schema of the file and every profile; with --profile also whether that profile fits the GPUs
+    (--gpu-memory/--gpus, else this machine's as NVML reads them)."""
     problems = validate_file(args.file)
     if problems:
         print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    print(f"{args.file}: ok")
+    if args.profile is None:
+        if args.gpu_memory is not None or args.gpus is not None:
+            print("error: --gpu-memory and --gpus need --profile NAME: the fit is checked per profile", file=sys.stderr)
+            return 2
+        print(f"{args.file}: ok")
+        return 0
+    from serving.ops import fit
+
+    try:
+        config = load_config(args.file, args.profile)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.gpu_memory is not None:
+        hardware: fit.Hardware | str = fit.Hardware(args.gpu_memory, args.gpus or 1)
+    else:
+        hardware = fit.read_hardware()
+        if isinstance(hardware, fit.Hardware) and args.gpus is not None:
+            hardware = fit.Hardware(hardware.gpu_memory_bytes, args.gpus, hardware.name)
+    if isinstance(hardware, str):
+        print(f"{args.file}: ok (schema only)")
+        print(f"no GPU memory fit check: no NVIDIA GPU could be read here ({hardware}); pass --gpu-memory SIZE "
+              "(and --gpus N) to check profile " + args.profile + " for that hardware", file=sys.stderr)
+        return 0
+    report = fit.check_fit(config, hardware, fit_lookup(args.cache_dir))
+    print(fit.render(report))
+    if not report.ok:
+        for problem in report.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def tiny_metadata(seed: int, cache_dir: Path | None = None) -> ModelMetadata:
+    """The tiny model's metadata for the fit check: its generated directory when cached, else its recipe's
+    shape (serving/backends/tinymodel.py; the trained vocabulary may come out a few tokens smaller)."""
+    from serving.backends.tinymodel import GENERATOR_VERSION, MARKER, VOCAB_SIZE
+    from serving.ops import fit
+
+    if cache_dir is not None:
+        generated = Path(cache_dir) / "models" / f"tiny-v{GENERATOR_VERSION}-seed{seed}"
+        if (generated / MARKER).is_file():
+            return fit.read_model_dir(generated)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB_SIZE, "hidden_size": 128,
+        "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "head_dim": 64, "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": "float32",
+    }
+    return fit.ModelMetadata(config, fit.dense_tensors(config, "F32"), f"tiny model (seed {seed})")
+
+
+def fit_lookup(cache_dir: str) -> MetadataLookup:
+    from serving.ops import fit
+
+    return fit.default_lookup(lambda seed: tiny_metadata(seed, Path(cache_dir)))
+
+
+def fit_before_up(args: argparse.Namespace) -> bool:
+    """`up`'s memory check: on a machine whose GPUs NVML reads, refuse a profile that won't fit them. A
+    CPU-only machine skips it with a note."""
+    from serving.ops import fit
+
+    try:
+        config = load_config(args.config, args.profile)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+    hardware = fit.read_hardware()
+    if isinstance(hardware, str):
+        print(f"tierserve: GPU memory fit check skipped: no NVIDIA GPU readable ({hardware})", file=sys.stderr)
+        return True
+    report = fit.check_fit(config, hardware, fit_lookup(args.cache_dir))
+    print(fit.render(report), flush=True)
+    if report.ok:
+        return True
+    print(f"error: profile {args.profile} does not fit {hardware.describe()}; nothing started "
+          "(--no-fit-check starts it anyway):", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return False
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -85,6 +166,24 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inventory(args: argparse.Namespace) -> int:
+    """The Ansible inventory of a TFGrid deployment from `tofu output -json` (deployments/tfgrid)."""
+    from serving.ops import inventory as inv
+
+    try:
+        doc = inv.inventory_from_tofu(inv.load_tofu_outputs(args.from_tofu), wireguard_subnet=args.wireguard_subnet,
+                                      wireguard_over=args.wireguard_over)
+    except (inv.InventoryError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.out:
+        agents = len(doc["all"]["children"]["agents"]["hosts"])
+        print(f"{inv.write_inventory(doc, args.out)}: 1 GPU VM, {agents} agent VM(s)", file=sys.stderr)
+    else:
+        sys.stdout.write(inv.render_inventory(doc))
+    return 0
+
+
 def _keys_context(args: argparse.Namespace) -> tuple[KeyStore, AppConfig | None]:
     """The key store the server would use (--keys-file, TIERSERVE_KEYS_FILE, auth.keys_file, <state_dir>/keys.json)
     and the config, when it loads, to check tier names against."""
@@ -111,17 +210,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     import json
     from datetime import UTC, datetime
 
-    from serving.security.keys import KeyStoreError
+    from serving.security.keys import KeySpec, KeyStoreError, key_id_of
 
     store, config = _keys_context(args)
     try:
         if args.keys_command == "create":
             tiers = [t.strip() for t in args.tiers.split(",") if t.strip()] if args.tiers is not None else None
-            plaintext, record = store.create(
-                args.agent, tiers, args.rpm, args.tpm, args.budget_usd, args.default_tier,
-                budget_period=args.budget_period, admin=args.admin,
-                known_tiers=list(config.tiers) if config else None,
-            )
+            fields = {"agent": args.agent, "tiers": tiers, "rpm": args.rpm, "tpm": args.tpm,
+                      "budget_usd": args.budget_usd, "budget_period": args.budget_period,
+                      "default_tier": args.default_tier}
+            try:
+                spec = KeySpec.model_validate(fields)
+            except ValidationError as exc:
+                problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+                raise KeyStoreError("; ".join(problems)) from None
+            plaintext, record = store.create(spec, admin=args.admin, known_tiers=list(config.tiers) if config else None)
             print(plaintext)  # stdout holds only the key, for scripts; it is not stored anywhere
             print(f"created {'admin ' if record.admin else ''}key {record.id} for agent {record.agent} in "
                   f"{store.path}; this is the only time the key is shown", file=sys.stderr)
@@ -134,10 +237,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print("already revoked", file=sys.stderr)
             return 0
         if args.keys_command == "show":
-            record = store.get(args.id.removeprefix("ts_").split("_", 1)[0])
-            if record is None:
+            found = store.get(key_id_of(args.id))
+            if found is None:
                 raise KeyStoreError(f"no key {args.id}")
-            out = record.public()
+            out = found.public()
             usage_path = Path(args.usage_db) if args.usage_db else None
             if usage_path is None:
                 from serving.security.keys import usage_db_path
@@ -149,7 +252,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
                 ledger = Budget(usage_path)
                 try:
-                    usage = Limiter(ledger=ledger).usage(record)
+                    usage = Limiter(ledger=ledger).usage(found)
                 finally:
                     ledger.close()
                 out.update({k: usage[k] for k in ("day", "month", "budget")})
@@ -159,17 +262,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([k.public() for k in keys], indent=2))
             return 0
-        rows = [("ID", "AGENT", "TIERS", "DEFAULT", "RPM", "TPM", "BUDGET", "CREATED", "REVOKED")]
+        header = ("ID", "AGENT", "TIERS", "DEFAULT", "RPM", "TPM", "BUDGET", "CREATED", "REVOKED")
+        rows: list[tuple[str, ...]] = [header]
         for k in keys:
             when = [datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M") if t else "-"
                     for t in (k.created_at, k.revoked_at)]
             budget = f"${k.budget_usd:g}/{k.budget_period}" if k.budget_usd is not None else "-"
-            tiers = "ADMIN" if k.admin else ",".join(k.tiers) if k.tiers is not None else "all"
-            rows.append((k.id, k.agent, tiers, _fmt_limit(k.default_tier), _fmt_limit(k.rpm), _fmt_limit(k.tpm),
+            allowed = "ADMIN" if k.admin else ",".join(k.tiers) if k.tiers is not None else "all"
+            rows.append((k.id, k.agent, allowed, _fmt_limit(k.default_tier), _fmt_limit(k.rpm), _fmt_limit(k.tpm),
                          budget, *when))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         return 0
     except KeyStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -257,7 +361,7 @@ def ray_defaults(env: dict[str, str]) -> dict[str, str]:
     # Serve's controller reconciles every 0.1 s by default: 3.4 % of a core here while idle, on the core the
     # HTTP path needs (1.2 % at 0.5 s; benchmarks/results/2026-11-30-vm-2cpu-ingress-profile.md). A replica's
     # death or start is then seen up to 0.4 s later; the router re-reads replica counts as soon as a tier call
-    # or a readiness probe fails (serving/fleet.py, serving/health.py), so requests don't wait on a dead one.
+    # or a readiness probe fails (serving/gateway/fleet.py, readiness.py), so requests don't wait on a dead one.
     env.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     return env
 
@@ -266,6 +370,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Prepare the weights, then `serve run` the deployment; stop it with SIGINT, Ray's clean path."""
     from serving.security.redaction import auth_disabled_warning
 
+    if not args.no_fit_check and not fit_before_up(args):
+        return 1
     config = fetch_models(args)
     if config is None:
         return 1
@@ -322,13 +428,38 @@ def _reap(pgid: int, grace_s: float = 10.0) -> None:
         time.sleep(0.5)
 
 
+def _memory_size(text: str) -> int:
+    from serving.ops.fit import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     settings = Settings()
     p = argparse.ArgumentParser(prog="tierserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="check a models.yaml and all its profiles")
+    v = sub.add_parser("validate", help="check a models.yaml and all its profiles; with --profile, its GPU memory fit")
     v.add_argument("file", nargs="?", default=str(settings.config))
+    v.add_argument("--profile", help="also check that this profile's tiers fit the GPUs (memory plan per tier)")
+    v.add_argument("--gpu-memory", type=_memory_size, metavar="SIZE",
+                   help="memory of each GPU, e.g. 24GiB, 80GB, 81920MiB (default: read this machine's with NVML)")
+    v.add_argument("--gpus", type=_positive_int, metavar="N",
+                   help="GPUs per node (default: 1 with --gpu-memory, else as many as NVML sees)")
+    v.add_argument("--cache-dir", default=str(settings.cache_dir), help="where generated tiny models are cached")
     v.set_defaults(func=cmd_validate)
 
     t = sub.add_parser("make-tiny-model", help="write the tiny random-weight test model")
@@ -340,6 +471,14 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gpus", help="GPU utilisation, memory, temperature, power and tier processes")
     g.add_argument("--url", help="a running appliance, e.g. http://127.0.0.1:8000 (default: this machine)")
     g.set_defaults(func=cmd_gpus)
+
+    i = sub.add_parser("inventory", help="Ansible inventory from deployments/tfgrid's `tofu output -json`")
+    i.add_argument("--from-tofu", required=True, metavar="FILE", help="`tofu output -json` saved to a file, or -")
+    i.add_argument("--out", metavar="PATH", help="write the inventory here (default: print it)")
+    i.add_argument("--wireguard-subnet", default="10.66.0.0/24", help="tierserve's WireGuard overlay")
+    i.add_argument("--wireguard-over", choices=["mycelium", "private"], default="mycelium",
+                   help="the addresses WireGuard runs over: Mycelium, or the grid network's private ones")
+    i.set_defaults(func=cmd_inventory)
 
     for name, func, text in (
         ("fetch-models", cmd_fetch_models, "download or generate every tier's weights"),
@@ -353,6 +492,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--deployment", default=DEFAULT_DEPLOYMENT)
             s.add_argument("--host", default=settings.host)
             s.add_argument("--port", type=int, default=settings.port)
+            s.add_argument("--no-fit-check", action="store_true",
+                           help="start even if the profile's tiers don't fit this machine's GPUs")
         s.set_defaults(func=func)
 
     k = sub.add_parser("keys", help="API keys per agent: create, list, show, revoke")

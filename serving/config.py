@@ -20,6 +20,13 @@ TIER_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
 # The generation endpoints a request can be for, a tier serves and a provider may speak: their one home.
 Endpoint = Literal["chat", "completion"]
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
+
+
+def deployment_name(tier: str) -> str:
+    """The Ray Serve deployment of a tier (what the app names it and the fleet asks the controller about)."""
+    return f"tier-{tier}"
+
+
 RESERVED_NAMES = frozenset({"auto"})
 
 
@@ -138,7 +145,7 @@ class Tier(Strict):
     overflow: OverflowPolicy = Field(default_factory=lambda: OverflowPolicy())
     cost_per_gpu_hour_usd: Annotated[float, Field(ge=0)] | None = None  # to compare local cost with providers
     # What an hour of this tier costs (its share of the node); None: cost_per_gpu_hour_usd x resources.gpus.
-    # Charged to API keys per request-second (serving/admission.py).
+    # Charged to API keys per request-second (serving/spend/pricing.py).
     cost_per_hour_usd: Annotated[float, Field(ge=0)] | None = None
     # Largest max_tokens a request may ask of this tier; None: the tier's engine.max_model_len.
     max_tokens_cap: Annotated[int, Field(gt=0)] | None = None
@@ -469,19 +476,19 @@ class OverflowPolicy(Strict):
 
 
 class AuthConfig(Strict):
-    """API keys per agent (serving/auth.py). Disabling auth is explicit and the server warns loudly at start."""
+    """API keys per agent (serving/security/). Disabling auth is explicit and the server warns loudly at start."""
 
     enabled: bool = True
     # Key store (JSON, hashed keys only). Precedence: TIERSERVE_KEYS_FILE, this, <state_dir>/keys.json.
     keys_file: str | None = None
-    # Per-key usage and spend (SQLite, serving/budget.py's ledger). None: <state_dir>/usage.db.
+    # Per-key usage and spend (SQLite, serving/spend/ledger.py). None: <state_dir>/usage.db.
     usage_db: str | None = None
     reload_interval_s: Annotated[float, Field(ge=0)] = 1.0  # the key file is re-stat'ed at most this often
     log_prompts: bool = False  # prompts and completions reach the logs only when this is true
 
 
 class LimitsConfig(Strict):
-    """Input limits checked by the ingress before a request reaches a tier (serving/limits.py)."""
+    """Input limits checked by the ingress before a request reaches a tier (serving/gateway/limits.py)."""
 
     max_body_bytes: Annotated[int, Field(gt=0)] = 1 << 20
     max_messages: Annotated[int, Field(gt=0)] = 512  # chat messages, or prompts of a batched completion

@@ -122,8 +122,7 @@ class Ingress:
         self.fleet = Fleet(config, backends, _app_name(), local)
         self.keys = KeyStore.from_config(config, Path(state_dir), auth_settings)
         self.limiter = Limiter(ledger=Budget(usage_db_path(config.auth, Path(state_dir)), config.providers))
-        accounting = Accounting(config.tiers, {p.name: p for p in config.providers}, self.metrics,
-                                AgentMetrics(self.registry), self.limiter)
+        accounting = Accounting(config.tiers, self.metrics, AgentMetrics(self.registry), self.limiter)
         self.admission = Admission(config, self.keys, self.limiter, accounting)
         self.dispatcher = Dispatcher(config, backends, HandleBackend(fallback) if fallback is not None else None,
                                      attempted=self._attempted)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from serving.config import Provider, Tier
+from serving.config import Tier
 from serving.ops.metrics import LOCAL, NO_TIER, AgentMetrics, RequestMetrics
 from serving.security.keys import KeyRecord
 from serving.security.quotas import Limiter
@@ -25,22 +26,13 @@ DURATION_EWMA_ALPHA = 0.1  # weight of the newest locally served request in the 
 Status = int | str  # an HTTP status, or "stream_error" for a stream that failed after it had started
 
 
+@dataclass
 class Accounting:
-    def __init__(
-        self,
-        tiers: Mapping[str, Tier],
-        providers: Mapping[str, Provider],
-        metrics: RequestMetrics,
-        agents: AgentMetrics,
-        limiter: Limiter,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        self.tiers = tiers
-        self.providers = providers
-        self.metrics = metrics
-        self.agents = agents
-        self.limiter = limiter
-        self.clock = clock
+    tiers: Mapping[str, Tier]  # their prices
+    metrics: RequestMetrics
+    agents: AgentMetrics
+    limiter: Limiter  # the key's window and ledger
+    clock: Callable[[], float] = time.perf_counter
 
     def rejected(self, agent: str, tier: str | None, endpoint: str, status: int) -> None:
         """A request refused before any backend was asked (401, 400, 403, 404, 413, 429, 503 from routing)."""

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from prometheus_client.core import Metric
 
-from serving.config import AppConfig
+from serving.config import AppConfig, deployment_name
 from serving.gateway.router import TierState
 from serving.ops.gpu import GpuSnapshot
 from serving.ops.metrics import RequestMetrics, estimate_wait_s, relabel, waiting_in
@@ -120,7 +120,7 @@ class Fleet:
         try:
             if remote:
                 deployments = await self._replica_states()
-                states = {name: deployments[f"tier-{name}"] for name in remote}
+                states = {name: deployments[deployment_name(name)] for name in remote}
         except Exception as exc:  # the controller is busy or restarting: keep the last known counts
             log.debug("replica counts unavailable: %s", exc)
             self.replicas.update(local)
@@ -154,7 +154,7 @@ class Fleet:
         if tier in self.replicas:
             return self.replicas[tier]
         try:
-            states = (await self._replica_states())[f"tier-{tier}"]
+            states = (await self._replica_states())[deployment_name(tier)]
         except Exception:
             return None
         return int(states.get("RUNNING", 0))

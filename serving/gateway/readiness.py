@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 State = Literal["ready", "cold", "failing"]
@@ -33,29 +33,21 @@ class TierHealth:
         }
 
 
+@dataclass
 class ReadinessProber:
-    def __init__(
-        self,
-        probe: Callable[[str], Awaitable[Any]],
-        running_replicas: Callable[[str], Awaitable[int | None]],
-        scale_to_zero: dict[str, bool],
-        *,
-        recount: Callable[[str], Awaitable[int | None]] | None = None,
-        cache_s: float = 5.0,
-        timeout_s: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.probe = probe
-        self.running_replicas = running_replicas
-        # Reads the controller now and updates the router's view (the count above is the router's, up to a
-        # refresh interval old).
-        self.recount = recount
-        self.scale_to_zero = scale_to_zero
-        self.cache_s = cache_s
-        self.timeout_s = timeout_s
-        self.clock = clock
-        self.cache: dict[str, TierHealth] = {}
-        self.locks = {tier: asyncio.Lock() for tier in scale_to_zero}
+    probe: Callable[[str], Awaitable[Any]]
+    running_replicas: Callable[[str], Awaitable[int | None]]  # the router's count, up to a refresh interval old
+    scale_to_zero: dict[str, bool]
+    # Reads the controller now and updates the router's view.
+    recount: Callable[[str], Awaitable[int | None]] | None = None
+    cache_s: float = 5.0
+    timeout_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    cache: dict[str, TierHealth] = field(default_factory=dict, init=False)
+    locks: dict[str, asyncio.Lock] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.locks = {tier: asyncio.Lock() for tier in self.scale_to_zero}
 
     async def check(self, tier: str) -> TierHealth:
         cached = self.cache.get(tier)

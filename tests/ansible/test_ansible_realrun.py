@@ -109,6 +109,8 @@ class Run:
             "tierserve_pip_extra_args": "--no-index",
             "tierserve_ready_retries": 150,
             "tierserve_ready_delay": 6,
+            # The containers' images carry no Prometheus: the monitoring role is checked by its own tests.
+            "monitoring_enabled": False,
         }
         inv = {
             "all": {

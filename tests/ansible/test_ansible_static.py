@@ -63,7 +63,8 @@ def test_dockerignore_keeps_context_small() -> None:
 
 def test_every_role_has_defaults_handlers_readme() -> None:
     roles = sorted(p for p in (ANSIBLE_DIR / "roles").iterdir() if p.is_dir())
-    assert {r.name for r in roles} == {"common", "nvidia", "wireguard", "firewall", "tierserve", "agent_vm"}
+    assert {r.name for r in roles} == {"common", "nvidia", "wireguard", "firewall", "tierserve", "monitoring",
+                                        "agent_vm"}
     for role in roles:
         for part in ("defaults/main.yml", "handlers/main.yml", "tasks/main.yml", "meta/main.yml", "README.md"):
             assert (role / part).is_file(), f"{role.name}: missing {part}"

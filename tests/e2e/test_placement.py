@@ -1,5 +1,5 @@
 """A CPU tier with `colocate_engine_core` runs its engine core on the cores vLLM bound its worker to
-(serving/affinity.py), so its busy-waiting stays off the core left to the gateway; tiers without it keep vLLM's
+(serving/backends/affinity.py), so its busy-waiting stays off the core left to the gateway; tiers without it keep vLLM's
 placement. Checked on the running appliance's real processes."""
 
 from __future__ import annotations

@@ -61,8 +61,7 @@ def gateway_parts(tmp_path: Path, config: AppConfig | None = None) -> Parts:
     clock = Clock()
     keys = KeyStore(tmp_path / "keys.json", clock)
     limiter = Limiter(clock=clock, ledger=Budget(tmp_path / "usage.db", config.providers, clock=clock, cache_s=0))
-    accounting = Accounting(config.tiers, {p.name: p for p in config.providers}, RequestMetrics(registry),
-                            AgentMetrics(registry), limiter, clock=clock)
+    accounting = Accounting(config.tiers, RequestMetrics(registry), AgentMetrics(registry), limiter, clock=clock)
     return Parts(config, registry, keys, limiter, accounting, clock)
 
 

@@ -96,7 +96,8 @@ def test_duplicate_names_and_reserved_names(catalog: dict[str, Any]) -> None:
 
 
 def test_unknown_profile_and_missing_tiers(catalog: dict[str, Any]) -> None:
-    assert problems_for(catalog, "nope") == ["profiles.nope: no such profile (known: cluster, gpu, local)"]
+    known = "cluster, gpu, gpu-24gb, gpu-2x80gb, gpu-48gb, local"
+    assert problems_for(catalog, "nope") == [f"profiles.nope: no such profile (known: {known})"]
     assert any(p.startswith("tiers:") for p in problems_for({"version": 1}))
 
 

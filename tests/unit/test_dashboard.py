@@ -24,7 +24,7 @@ from tests.support.promql import (
 MONITORING = Path(__file__).resolve().parents[2] / "deployments" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 
-# The request-metrics contract of serving/telemetry.py (name, type, labels), and the GPU collector's gauges.
+# The request-metrics contract of serving/ops/metrics.py (name, type, labels), and the GPU collector's gauges.
 CONTRACT: list[tuple[str, type, list[str]]] = [
     ("tierserve_requests_total", Counter, ["tier", "provider", "endpoint", "status"]),
     ("tierserve_request_duration_seconds", Histogram, ["tier", "provider", "endpoint"]),

@@ -6,14 +6,14 @@ import asyncio
 
 import pytest
 
-from serving.config import build_config
+from serving.config import build_config, deployment_name
 from serving.gateway.fleet import STABLE_REPLICAS_TTL_S, Fleet
 
 TINY = {"tiny_seed": 1}
 
 
 def status_with(states: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    return {f"tier-{t}": s for t, s in states.items()}
+    return {deployment_name(t): s for t, s in states.items()}
 
 
 def test_replica_counts_are_read_rarely_when_settled_and_at_once_when_changing(monkeypatch: pytest.MonkeyPatch) -> None:
