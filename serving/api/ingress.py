@@ -163,6 +163,9 @@ class Ingress:
         embedded = getattr(self, "embedded", None)
         if embedded is not None:
             embedded.shutdown()
+        tracing = getattr(self, "tracing", None)
+        if tracing is not None:
+            tracing.shutdown()  # flush the last spans when Ray Serve stops this replica
 
     # -- generation: the request path -----------------------------------------------------------------------
 

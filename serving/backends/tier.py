@@ -276,6 +276,9 @@ class TierServer:
         return 0 if self.engine is None or self.engine.errored else 1
 
     def shutdown(self) -> None:
+        tracing = getattr(self, "tracing", None)
+        if tracing is not None:
+            tracing.shutdown()  # the last spans leave before the replica does
         engine = getattr(self, "engine", None)
         if engine is not None:
             self.engine = None

@@ -85,11 +85,6 @@ class Decision:
     code: str | None = None
     param: str | None = None
 
-    @property
-    def name(self) -> str | None:
-        """The first candidate's name (None on reject)."""
-        return self.candidates[0].name if self.candidates else None
-
     def error(self) -> APIError:
         """The client-facing error of a reject, with Retry-After when the condition is transient."""
         headers = retry_after(self.retry_after_s) if self.retry_after_s is not None else {}
