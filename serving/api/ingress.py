@@ -102,12 +102,13 @@ class Ingress:
         self.config = config
         backends: dict[str, TierBackend] = {name: HandleBackend(handle) for name, handle in tiers.items()}
         self.embedded: LocalTier | None = None
+        local: dict[str, LocalTier] = {}  # tiers the fleet counts in this process, not through the controller
         if config.ingress.embed_tier is not None:
             # Requests for this tier go to an engine in this process: no Ray hop, no copy per chunk.
             name = config.ingress.embed_tier
             make = partial(TierServer, name, config.tiers[name], cache_dir)
             self.embedded = LocalTier(make(), make)
-            backends[name] = self.embedded
+            backends[name] = local[name] = self.embedded
         self.tiers = backends
         self.fallback = fallback  # the provider deployment's handle (its states); None without providers
         self.names = config.model_names()
@@ -118,7 +119,6 @@ class Ingress:
         self.registry = CollectorRegistry()  # per ingress, no process-global state
         self.metrics = RequestMetrics(self.registry)
         self.router = Router(config)
-        local = {config.ingress.embed_tier: self.embedded} if self.embedded and config.ingress.embed_tier else {}
         self.fleet = Fleet(config, backends, _app_name(), local)
         self.keys = KeyStore.from_config(config, Path(state_dir), auth_settings)
         self.limiter = Limiter(ledger=Budget(usage_db_path(config.auth, Path(state_dir)), config.providers))

@@ -37,6 +37,10 @@ class Accounting:
     def rejected(self, agent: str, tier: str | None, endpoint: str, status: int) -> None:
         """A request refused before any backend was asked (401, 400, 403, 404, 413, 429, 503 from routing)."""
         self.metrics.requests.labels(tier or NO_TIER, LOCAL, endpoint, str(status)).inc()
+        self.agent_answered(agent, status)
+
+    def agent_answered(self, agent: str, status: Status) -> None:
+        """The agent's request counter: every request, refused or served, counts once."""
         self.agents.requests.labels(agent, str(status)).inc()
 
     def open(self, key: KeyRecord, tier: str, endpoint: str) -> Ticket:
@@ -86,7 +90,7 @@ class Ticket:
         self._measure(status, usage, took, now)
         spend = a.spend(self.tier, self.provider, took, usage)
         agent = self.key.agent
-        a.agents.requests.labels(agent, str(status)).inc()
+        a.agent_answered(agent, status)
         if spend.prompt_tokens:
             a.agents.tokens.labels(agent, "prompt").inc(spend.prompt_tokens)
         if spend.completion_tokens:

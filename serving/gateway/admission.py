@@ -84,7 +84,7 @@ class Admission:
         try:
             return self.keys.authenticate(request.headers.get("authorization"))
         except APIError as exc:
-            self.accounting.agents.requests.labels(UNAUTHENTICATED, str(exc.status)).inc()
+            self.accounting.agent_answered(UNAUTHENTICATED, exc.status)
             raise
 
     def authenticate_admin(self, request: Request) -> KeyRecord:

@@ -9,6 +9,7 @@ DONE = b"data: [DONE]\n\n"
 DONE_TEXT = DONE.decode()
 _ERROR_PREFIX = 'data: {"error"'
 _ERROR_PREFIX_BYTES = _ERROR_PREFIX.encode()
+_DONE_EVENT = DONE.rstrip()
 
 
 def is_error_event(event: bytes | str) -> bool:
@@ -18,8 +19,9 @@ def is_error_event(event: bytes | str) -> bool:
     return event.startswith(_ERROR_PREFIX)
 
 
-def is_done(event: bytes | str) -> bool:
-    return (event if isinstance(event, bytes) else event.encode()).startswith(DONE[:-2])
+def is_done(event: bytes) -> bool:
+    """The end marker (`data: [DONE]`), however the event's line ends."""
+    return event.startswith(_DONE_EVENT)
 
 
 def with_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
