@@ -19,11 +19,12 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.api.streaming import SSEResponse
 from serving.backends.handle import HandleBackend
 from serving.backends.local import LocalTier
 from serving.backends.tier import TierServer
@@ -47,9 +48,6 @@ from serving.wire.backend import TierBackend
 from serving.wire.errors import APIError, from_validation_errors
 
 log = logging.getLogger(__name__)
-
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
 
 def error_response(exc: APIError) -> Response:
     return Response(exc.json(), status_code=exc.status, media_type="application/json", headers=exc.headers)
@@ -193,8 +191,7 @@ class Ingress:
                             self.tracing.carrier())
             answer = await self.dispatcher.dispatch(decision, call, admitted.ticket)
             if answer.chunks is not None:
-                return StreamingResponse(answer.chunks, media_type="text/event-stream",
-                                         headers={**SSE_HEADERS, **answer.headers})
+                return SSEResponse(answer.chunks, answer.headers)
             assert answer.result is not None
             return Response(answer.result.body, status_code=answer.result.status, media_type="application/json",
                             headers=answer.headers)

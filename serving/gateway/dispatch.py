@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ class Answer:
 
     headers: dict[str, str]
     result: Result | None = None
-    chunks: AsyncIterator[bytes] | None = None
+    chunks: AsyncGenerator[bytes, None] | None = None
 
 
 class Dispatcher:
@@ -163,7 +163,7 @@ class Dispatcher:
         return first, chunks
 
 
-async def relay(first: bytes, rest: ItemStream, ticket: Ticket) -> AsyncIterator[bytes]:
+async def relay(first: bytes, rest: ItemStream, ticket: Ticket) -> AsyncGenerator[bytes, None]:
     """Forward SSE bytes; the backend's closing Usage item goes to the ticket, not to the client."""
     status: Status = "stream_error"  # ended without the backend's usage: cut or failed mid-stream
     usage = Usage()
@@ -174,7 +174,7 @@ async def relay(first: bytes, rest: ItemStream, ticket: Ticket) -> AsyncIterator
                 usage, status = chunk, 200
             elif isinstance(chunk, bytes):
                 yield chunk
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):  # cancelled while waiting, or closed while sending
         if status != 200:  # went away before the end
             status = 499
         raise

@@ -171,6 +171,44 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_backend_and_is_a_499(part
     assert parts.sample("tierserve_requests_total", tier="fast", provider="local", endpoint="chat", status="499") == 1
 
 
+def test_a_client_gone_while_a_chunk_is_being_sent_still_cancels_the_backend_at_once(parts: Parts) -> None:
+    # The HTTP response is cancelled inside `send`, with the relay suspended at its yield (not awaiting the
+    # backend): the response must close the relay itself rather than leave that to the garbage collector.
+    from serving.api.streaming import SSEResponse
+
+    tier = FakeBackend([[b"data: 1\n\n", b"data: 2\n\n", HANG]])
+    dispatcher, _ = setup(parts, tier)
+    sent: list[bytes] = []
+    stalled = asyncio.Event()
+
+    async def receive() -> dict[str, str]:
+        await asyncio.Event().wait()
+        return {}
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message["body"])  # type: ignore[arg-type]
+            if len(sent) == 2:
+                stalled.set()
+                await asyncio.Event().wait()  # the client stops reading
+
+    async def run() -> None:
+        answer = await dispatcher.dispatch(Decision("tier", "fast", "r", (TIER,)), STREAM, ticket(parts)[0])
+        assert answer.chunks is not None
+        response = SSEResponse(answer.chunks, answer.headers)
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        task = asyncio.ensure_future(response(scope, receive, send))  # type: ignore[arg-type]
+        await stalled.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert tier.cancelled == 1  # before any collection could have run
+
+    asyncio.run(run())
+    assert sent == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert parts.sample("tierserve_requests_total", tier="fast", provider="local", endpoint="chat", status="499") == 1
+
+
 def test_cold_tiers_wait_at_most_their_overflow_policy(parts: Parts) -> None:
     from tests.support.gateway import gateway_config
 
