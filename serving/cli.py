@@ -121,7 +121,11 @@ def fit_before_up(args: argparse.Namespace) -> bool:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from serving.backends.tinymodel import make_tiny_model
 
-    path = make_tiny_model(args.dir, args.seed, force=args.force)
+    try:
+        path = make_tiny_model(args.dir, args.seed, force=args.force, embedding=args.embedding)
+    except FileExistsError as e:  # the directory holds a model of another seed or kind
+        print(f"error: {e} (--force)", file=sys.stderr)
+        return 1
     print(path)
     return 0
 
@@ -466,6 +470,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="rewrite even if the directory holds a model")
+    t.add_argument("--embedding", action="store_true",
+                   help="write the tiny embedding model (served on /v1/embeddings) instead of the generative one")
     t.set_defaults(func=cmd_make_tiny_model)
 
     g = sub.add_parser("gpus", help="GPU utilisation, memory, temperature, power and tier processes")

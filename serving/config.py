@@ -17,9 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TIER_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
-# The generation endpoints a request can be for, a tier serves and a provider may speak: their one home.
-Endpoint = Literal["chat", "completion"]
+# The endpoints a request can be for, a tier serves and a provider may speak: their one home.
+# `messages` and `count_tokens` are Anthropic's (/v1/messages, /v1/messages/count_tokens); the rest OpenAI's.
+Endpoint = Literal["chat", "completion", "responses", "messages", "count_tokens", "embeddings"]
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
+ANTHROPIC_ENDPOINTS: frozenset[Endpoint] = frozenset({"messages", "count_tokens"})
+# The field of each endpoint's request that holds the prompt: what a too-long prompt's error names.
+PROMPT_FIELD: dict[Endpoint, str] = {"chat": "messages", "completion": "prompt", "responses": "input",
+                                     "messages": "messages", "count_tokens": "messages", "embeddings": "input"}
+# What a tier serves by its task: a generating model everything but embeddings, a pooling model only those.
+TierTask = Literal["generate", "embed"]
+TASK_ENDPOINTS: dict[TierTask, tuple[Endpoint, ...]] = {
+    "generate": tuple(e for e in ENDPOINTS if e != "embeddings"),
+    "embed": ("embeddings",),
+}
 
 
 def deployment_name(tier: str) -> str:
@@ -149,6 +160,19 @@ class Tier(Strict):
     cost_per_hour_usd: Annotated[float, Field(ge=0)] | None = None
     # Largest max_tokens a request may ask of this tier; None: the tier's engine.max_model_len.
     max_tokens_cap: Annotated[int, Field(gt=0)] | None = None
+    # `embed` runs the model with vLLM's pooling runner: it then serves /v1/embeddings and nothing else.
+    task: TierTask = "generate"
+    # vLLM's tool-call parser for this model (`hermes` for Qwen2.5 and the tiny models); setting it turns on
+    # tool_choice "auto". None: only tool_choice "none", "required" and a named function work.
+    tool_call_parser: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    # vLLM's reasoning parser (e.g. `deepseek_r1`, `qwen3`): thinking is returned apart from the answer.
+    reasoning_parser: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    # A Jinja chat template file (relative to models.yaml) instead of the one that comes with the model.
+    chat_template: str | None = None
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return TASK_ENDPOINTS[self.task]
 
     @model_validator(mode="after")
     def _gpus_cover_tp(self) -> Tier:
@@ -342,17 +366,27 @@ def load_config(path: str | Path, profile: str | None = None) -> AppConfig:
     """Load one profile of a models.yaml (the bare catalog when `profile` is None)."""
     path = Path(path)
     config = build_config(read_yaml(path), profile, str(path))
-    return config.model_copy(update={"tiers": _resolve_paths(config.tiers, path.resolve().parent)})
+    return config.model_copy(update={"tiers": _resolve_paths(config.tiers, path.resolve())})
 
 
-def _resolve_paths(tiers: dict[str, Tier], base: Path) -> dict[str, Tier]:
-    """Relative model paths are relative to models.yaml, so replicas find them whatever their cwd."""
+def _resolve_paths(tiers: dict[str, Tier], source: Path) -> dict[str, Tier]:
+    """Relative model and chat template paths are relative to models.yaml, so replicas find them whatever
+    their cwd; a chat template that is not there is a load error, not a replica that fails to start."""
+    base = source.parent
     out = {}
+    problems = []
     for name, tier in tiers.items():
         if tier.model.path and not Path(tier.model.path).expanduser().is_absolute():
             model = tier.model.model_copy(update={"path": str(base / tier.model.path)})
             tier = tier.model_copy(update={"model": model})
+        if tier.chat_template is not None:
+            template = base / Path(tier.chat_template).expanduser()
+            if not template.is_file():
+                problems.append(f"tiers.{name}.chat_template: no such file: {template}")
+            tier = tier.model_copy(update={"chat_template": str(template)})
         out[name] = tier
+    if problems:
+        raise ConfigError(problems, str(source))
     return out
 
 
@@ -378,20 +412,31 @@ def validate_file(path: str | Path) -> list[str]:
 
 ENV_VAR_NAME = r"^[A-Z_][A-Z0-9_]*$"  # upper case only: a pasted key (`sk-...`) fails here, not in a log
 ProviderKind = Literal["openai", "anthropic", "gradient", "ollama", "vllm", "tierserve"]
+# What each kind of upstream speaks, unless a provider lists its `endpoints`.
+KIND_ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
+    "openai": ("chat", "completion", "responses", "embeddings"),
+    "anthropic": ("chat", "messages", "count_tokens"),  # chat: Anthropic's OpenAI-compatible endpoint
+    "gradient": ("chat", "completion"),
+    "ollama": ("chat", "completion", "embeddings"),
+    "vllm": ENDPOINTS,
+    "tierserve": ENDPOINTS,
+}
 
 
 class Provider(Strict):
     """An OpenAI-compatible upstream used as fallback; `base_url` ends where `/chat/completions` is appended."""
 
     name: Annotated[str, Field(pattern=TIER_NAME)]
-    kind: ProviderKind = "openai"  # informational (dashboards, docs); the wire protocol is always OpenAI's
+    # The API it speaks: OpenAI's for every kind, except `anthropic`, whose Messages endpoints are native.
+    kind: ProviderKind = "openai"
     base_url: Annotated[str, Field(pattern=r"^https?://")]
     api_key_env: Annotated[str, Field(pattern=ENV_VAR_NAME)] | None = Field(
         None, description="NAME of the environment variable holding the key; the key never goes in this file"
     )
     models: dict[str, str] = Field(default_factory=dict, description="tier -> upstream model name")
     default_model: str | None = Field(None, description="upstream model for tiers not in `models`")
-    endpoints: list[Endpoint] = Field(default_factory=lambda: list(ENDPOINTS))
+    # The endpoints it serves; default: what its kind speaks (KIND_ENDPOINTS).
+    endpoints: list[Endpoint] = Field(default_factory=list)
     max_context: Annotated[int, Field(gt=0)] = 8192
     timeout_connect_s: Annotated[float, Field(gt=0)] = 15
     timeout_read_s: Annotated[float, Field(gt=0)] = 15  # the longest silence between bytes, streams included
@@ -407,6 +452,14 @@ class Provider(Strict):
     retries: Annotated[int, Field(ge=0, le=10)] = 2  # extra attempts, only before the first byte
     priority: int = 100  # lower is tried first; ties keep file order
     stream_usage: bool = True  # ask for `stream_options.include_usage` so streamed spend is accounted
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_endpoints(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "endpoints" not in data:
+            kind = data.get("kind", "openai")
+            data = {**data, "endpoints": list(KIND_ENDPOINTS.get(kind, ()))}
+        return data
 
     @model_validator(mode="after")
     def _has_model(self) -> Provider:
@@ -494,6 +547,8 @@ class LimitsConfig(Strict):
     max_messages: Annotated[int, Field(gt=0)] = 512  # chat messages, or prompts of a batched completion
     max_chars_per_message: Annotated[int, Field(gt=0)] = 200_000
     max_n: Annotated[int, Field(gt=0)] = 4
+    max_tools: Annotated[int, Field(gt=0)] = 128  # tool definitions per request (chat, responses, messages)
+    max_embedding_inputs: Annotated[int, Field(gt=0)] = 2048  # inputs of one embeddings request
     # Default max_tokens cap for tiers without `max_tokens_cap`; None: the tier's engine.max_model_len.
     max_tokens_cap: Annotated[int, Field(gt=0)] | None = None
     body_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # a slow upload is cut (408) after this

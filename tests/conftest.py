@@ -34,11 +34,11 @@ if TYPE_CHECKING:
     from tests.support.faultproxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parents[1]
-TIERS = ("coder", "reasoning", "fast")  # the tiers that must be up before tests start
+TIERS = ("coder", "reasoning", "fast", "embed")  # the tiers that must be up before tests start
 # The session app: the local profile plus what the autoscaling tests need, with short delays:
-# `fast` scales 1..2, and `spare` starts at zero replicas (a 4th engine, only while it is warm).
+# `fast` scales 1..2, and `spare` starts at zero replicas (a 5th engine, only while it is warm).
 # Ray counts 2 logical CPUs here: tiers at 0.25 each leave room for the extra `fast` and `spare` replicas
-# (4 x 0.25 + 0.25 more for fast + 0.25 ingress = 1.5), so scaling is never stuck waiting for resources.
+# (5 x 0.25 + 0.25 more for fast + 0.25 ingress = 1.75), so scaling is never stuck waiting for resources.
 TEST_OVERLAY = {
     # Keys on, as in production; the key file is re-read on every request so revocations show at once.
     "auth": {"enabled": True, "reload_interval_s": 0},
@@ -50,10 +50,12 @@ TEST_OVERLAY = {
     "ingress": {"embed_tier": "reasoning"},
     "tiers": {
         # Its engine core on its worker's cores (serving/backends/affinity.py); the others keep vLLM's placement.
-        "coder": {"resources": {"cpus": 0.25, "colocate_engine_core": True}},
+        # No tool-call parser: tool_choice "auto" there is a clear 400 naming the setting.
+        "coder": {"resources": {"cpus": 0.25, "colocate_engine_core": True}, "tool_call_parser": None},
         # A price per hour, so a key's budget can run out on a local tier: $1 per request-millisecond.
         "reasoning": {"resources": {"cpus": 0.25}, "cost_per_hour_usd": 3_600_000,
                       "replicas": {"keep_warm_hours": "00:00-00:00", "keep_warm_interval_s": 2}},
+        "embed": {"resources": {"cpus": 0.25}},
         "fast": {"resources": {"cpus": 0.25},
                  "replicas": {"min": 1, "max": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
                               "downscale_delay_s": 15}},
@@ -67,6 +69,7 @@ TEST_OVERLAY = {
 
 
 UPSTREAM_MODEL = "up"  # what the bare vLLM upstream calls its model
+BARE_TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 
 
 def provider_overlay(peer_url: str, metered_url: str, paid_url: str) -> dict:
@@ -76,9 +79,13 @@ def provider_overlay(peer_url: str, metered_url: str, paid_url: str) -> dict:
     quick = {"timeout_connect_s": 5, "timeout_read_s": 20, "timeout_total_s": 30}
     return {
         "providers": [
+            # Speaks every endpoint but Anthropic's Messages, so that a Messages request no provider speaks is
+            # seen too; `metered` speaks only chat and completions.
             {"name": "peer", "kind": "vllm", "base_url": f"{peer_url}/v1", "models": served,
+             "endpoints": ["chat", "completion", "responses", "count_tokens"],
              "max_context": 1024, "priority": 10, "retries": 1, **quick},
             {"name": "metered", "kind": "vllm", "base_url": f"{metered_url}/v1", "models": served,
+             "endpoints": ["chat", "completion"],
              "max_context": 1024, "priority": 20, "retries": 0, "price_input_per_1m_usd": 1000,
              "price_output_per_1m_usd": 1000, "budget_daily_usd": 0.05, **quick},
             {"name": "paidapi", "kind": "openai", "base_url": f"{paid_url}/v1",
@@ -108,7 +115,9 @@ class Upstream:
 
         model = cached_tiny_model(Path.home() / ".cache" / "tierserve", 3)
         # The test's own environment, unlike the benchmark's child_env().
-        server = vllm_server("upstream", model, UPSTREAM_MODEL, log_path, 2048, env=dict(os.environ))
+        # Tool calling as the tiers serve it: the reference for the differential tests of the agent protocols.
+        server = vllm_server("upstream", model, UPSTREAM_MODEL, log_path, 2048, *BARE_TOOL_FLAGS,
+                             env=dict(os.environ))
         server.start()
         assert server.proc is not None
         self.proc: subprocess.Popen = server.proc

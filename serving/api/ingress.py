@@ -31,6 +31,7 @@ from serving.backends.tier import TierServer
 from serving.config import AppConfig, AuthSettings, Endpoint
 from serving.gateway.accounting import Accounting
 from serving.gateway.admission import Admission
+from serving.gateway.conversations import Conversations, ResponseStore
 from serving.gateway.dispatch import Dispatcher
 from serving.gateway.dispatch import Request as Dispatch
 from serving.gateway.fleet import Fleet, ListCollector
@@ -45,33 +46,39 @@ from serving.security.quotas import Limiter
 from serving.security.redaction import auth_disabled_warning, redact_replica_logs
 from serving.spend.ledger import Budget
 from serving.wire.backend import TierBackend
-from serving.wire.errors import APIError, from_validation_errors
+from serving.wire.errors import APIError, Protocol, from_validation_errors, protocol_of, render_json
 
 log = logging.getLogger(__name__)
 
-def error_response(exc: APIError) -> Response:
-    return Response(exc.json(), status_code=exc.status, media_type="application/json", headers=exc.headers)
+def error_response(exc: APIError, protocol: Protocol = "openai") -> Response:
+    return Response(render_json(exc, protocol), status_code=exc.status, media_type="application/json",
+                    headers=exc.headers)
+
+
+def route_protocol(request: Request) -> Protocol:
+    """The error shape a route's clients expect: Anthropic's on /v1/messages*, OpenAI's everywhere else."""
+    return "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves in the same envelope, whoever raised it."""
+    """Every error leaves in its route's protocol's envelope, whoever raised it."""
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> Response:
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc, route_protocol(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(from_validation_errors(list(exc.errors())))
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(from_validation_errors(list(exc.errors())), route_protocol(request))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(APIError(exc.status_code, str(exc.detail)))
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(APIError(exc.status_code, str(exc.detail)), route_protocol(request))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}"), route_protocol(request))
 
 
 def build_fastapi() -> FastAPI:
@@ -121,7 +128,9 @@ class Ingress:
         self.keys = KeyStore.from_config(config, Path(state_dir), auth_settings)
         self.limiter = Limiter(ledger=Budget(usage_db_path(config.auth, Path(state_dir)), config.providers))
         accounting = Accounting(config.tiers, self.metrics, AgentMetrics(self.registry), self.limiter)
-        self.admission = Admission(config, self.keys, self.limiter, accounting)
+        self.conversations = Conversations(ResponseStore(usage_db_path(config.auth, Path(state_dir)).with_name(
+            "responses.db")))
+        self.admission = Admission(config, self.keys, self.limiter, accounting, self.conversations)
         self.dispatcher = Dispatcher(config, backends, HandleBackend(fallback) if fallback is not None else None,
                                      attempted=self._attempted)
         if warning := auth_disabled_warning(config):
@@ -175,6 +184,36 @@ class Ingress:
     async def completions(self, request: Request) -> Response:
         return await self.generate("completion", request)
 
+    @api.post("/v1/responses")
+    async def responses(self, request: Request) -> Response:
+        return await self.generate("responses", request)
+
+    @api.get("/v1/responses/{response_id}")
+    def get_response(self, response_id: str, request: Request) -> Response:
+        """A stored response of the calling key's (another key's is as absent as one never made)."""
+        found = self.conversations.store.get(self.admission.authenticate(request).id, response_id)
+        if found is None:
+            raise _no_response(response_id)
+        return Response(orjson.dumps(found), media_type="application/json")
+
+    @api.delete("/v1/responses/{response_id}")
+    def delete_response(self, response_id: str, request: Request) -> dict[str, Any]:
+        if not self.conversations.store.delete(self.admission.authenticate(request).id, response_id):
+            raise _no_response(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    @api.post("/v1/messages")
+    async def messages(self, request: Request) -> Response:
+        return await self.generate("messages", request)
+
+    @api.post("/v1/messages/count_tokens")
+    async def count_tokens(self, request: Request) -> Response:
+        return await self.generate("count_tokens", request)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        return await self.generate("embeddings", request)
+
     async def generate(self, endpoint: Endpoint, request: Request) -> Response:
         if self.fleet.refreshing is None:
             self.start_background()
@@ -190,11 +229,21 @@ class Ingress:
             call = Dispatch(endpoint, admitted.body, admitted.stream, admitted.facts.prompt_tokens,
                             self.tracing.carrier())
             answer = await self.dispatcher.dispatch(decision, call, admitted.ticket)
+            keep = endpoint == "responses"  # the Responses API's own state: the caller's stored responses
+            owner = admitted.key.id
             if answer.chunks is not None:
-                return SSEResponse(answer.chunks, answer.headers)
-            assert answer.result is not None
-            return Response(answer.result.body, status_code=answer.result.status, media_type="application/json",
-                            headers=answer.headers)
+                chunks = answer.chunks
+                if keep:
+                    chunks = self.conversations.streamed(owner, admitted.received, admitted.body, chunks)
+                return SSEResponse(chunks, answer.headers)
+            result = answer.result
+            assert result is not None
+            body, protocol = result.body, protocol_of(endpoint)
+            if result.status >= 400 and protocol == "anthropic":  # error Results carry OpenAI's envelope
+                body = render_json(APIError.from_body(result.status, result.body), protocol)
+            elif result.status == 200 and keep:
+                body = await self.conversations.answered(owner, admitted.received, admitted.body, body)
+            return Response(body, status_code=result.status, media_type="application/json", headers=answer.headers)
 
     def route(self, facts: RequestFacts) -> Decision:
         with self.tracing.span("tierserve.route"):
@@ -301,6 +350,10 @@ class Ingress:
         self.admission.authenticate_admin(request)
         self.keys.reload()
         return {"reloaded": "keys", "keys": len(self.keys.list(include_revoked=False))}
+
+
+def _no_response(response_id: str) -> APIError:
+    return APIError(404, f"No response found with id '{response_id}'", param="response_id", code="not_found")
 
 
 def _app_name() -> str:

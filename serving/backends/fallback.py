@@ -1,9 +1,11 @@
-"""The external-API fallback deployment: forwards OpenAI-compatible requests to the providers in
-models.yaml (OpenAI, Anthropic's compatible endpoint, DigitalOcean Gradient, Ollama, vLLM, another
-tierserve), each behind its own circuit breaker and budget.
+"""The external-API fallback deployment: forwards requests to the providers in models.yaml (OpenAI,
+Anthropic, DigitalOcean Gradient, Ollama, vLLM, another tierserve), each behind its own circuit breaker and
+budget, on every endpoint a provider lists (OpenAI's chat, completion, responses and embeddings, Anthropic's
+messages and count_tokens), in that endpoint's own protocol.
 
 It is a backend like a tier (serving/wire/backend.py): a `Call` whose `target` names the provider, answered
-by one `Result`, or by a stream of SSE bytes followed by a `Usage` with the provider's cost.
+by one `Result` (errors in our envelope, whatever the upstream's protocol), or by a stream of SSE bytes in
+the endpoint's protocol followed by a `Usage` with the provider's cost.
 """
 
 from __future__ import annotations
@@ -59,8 +61,14 @@ class FallbackServer:
         return dataclasses.replace(usage, cost_usd=self.budget.cost(provider, usage.prompt_tokens,
                                                                     usage.completion_tokens))
 
-    def _refuse(self, provider: str) -> Result | None:
-        """The router's view of budgets may be a second old; this check, at the source, is the one that counts."""
+    def _refuse(self, call: Call) -> Result | None:
+        """A call this provider must not get. The router skips providers that don't serve the endpoint or tier
+        (this is a safety net), but its view of budgets may be a second old: this check is the one that counts."""
+        provider = call.target
+        client = self.clients.get(provider)
+        why = f"unknown provider {provider!r}" if client is None else client.refusal(call.endpoint, call.tier)
+        if why is not None:
+            return Result.error(APIError(503, why, code="provider_unsupported"), failover=True)
         why = self.budget.over_budget(provider)
         if why is None:
             return None
@@ -70,7 +78,7 @@ class FallbackServer:
 
     async def complete(self, call: Call) -> Result:
         provider = call.target
-        if (refused := self._refuse(provider)) is not None:
+        if (refused := self._refuse(call)) is not None:
             return refused
         try:
             answer = await self.clients[provider].start(
@@ -83,7 +91,7 @@ class FallbackServer:
 
     async def stream(self, call: Call) -> AsyncIterator[StreamItem]:
         provider = call.target
-        if (refused := self._refuse(provider)) is not None:
+        if (refused := self._refuse(call)) is not None:
             yield refused
             return
         try:

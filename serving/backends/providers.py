@@ -1,20 +1,25 @@
-"""Client for OpenAI-compatible upstreams (OpenAI, Anthropic's compatibility API, Gradient, Ollama, vLLM,
-another tierserve): one `ProviderClient` per provider, holding its connection pool.
+"""Client for the fallback upstreams (OpenAI, Anthropic, Gradient, Ollama, vLLM, another tierserve): one
+`ProviderClient` per provider, holding its connection pool. Every endpoint is spoken in its own protocol,
+as `PROTOCOLS` describes: OpenAI's chat, completion, responses and embeddings, Anthropic's messages and
+count_tokens (natively on `kind: anthropic`, with its own auth headers).
 
 `start()` returns either a complete answer (`Completed`) or a stream whose first SSE event has already
 arrived (`Streaming`). Everything before that first event is retried with exponential backoff and full
 jitter, within `timeout_total_s`, and finally raised as `UpstreamError` for the caller to fail over:
 connection errors, timeouts, 5xx/429/408, bad keys and models (401/403/404, no retry on the same
-provider), a 200 stream that ends or errors before its first event (Anthropic's "Overloaded"). Once the
-first event is returned nothing is retried or silently continued elsewhere (Envoy: "we don't retry if we
-already started the response"): a later failure, a cut, a stall past `timeout_read_s`, an upstream error
-event or a stream ending without `[DONE]` becomes one in-stream error event in our envelope, and counts
-as a failure of the provider.
+provider), a 200 stream that ends or errors before its first event (Anthropic's "Overloaded"). For the
+Responses and Messages streams the "first event" is the first one after their preamble (`message_start`,
+`response.created`, ...), which is held back until then. Once the first event is returned nothing is
+retried or silently continued elsewhere (Envoy: "we don't retry if we already started the response"): a
+later failure, a cut, a stall past `timeout_read_s`, an upstream error event or a stream ending without
+its last event (`[DONE]`, `message_stop`, `response.completed`) becomes one in-stream error event, and
+counts as a failure of the provider.
 
 Each call reports exactly one outcome: to the provider's breaker (success / failure / release), to the
-budget (tokens and cost, streams included: `stream_options.include_usage` is requested upstream and the
-usage chunk dropped again when the client did not ask for it; a stream cut before its usage records an
-estimate), and to an optional callback.
+budget (tokens and cost, streams included: chat and completion streams ask for
+`stream_options.include_usage` and drop the usage chunk again when the client did not ask for it; the
+Responses and Messages streams carry their usage in their own events; a stream cut before its usage
+records an estimate), and to an optional callback.
 """
 
 from __future__ import annotations
@@ -33,14 +38,94 @@ import orjson
 from serving.backends.breaker import Breaker
 from serving.config import Endpoint, Provider
 from serving.spend.ledger import Budget
-from serving.wire.errors import APIError, retry_after
+from serving.wire.errors import APIError, protocol_of, render_sse, retry_after
 from serving.wire.items import Usage
 from serving.wire.sse import is_done, is_error_event, with_usage
 
 Verdict = Literal["ok", "failed", "client_error", "cancelled"]  # what a call tells the provider's breaker
-PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completion": "/completions"}
 CLIENT_ERRORS = frozenset({400, 413, 422})  # the request's fault: another attempt or provider won't help
 NO_RETRY_SAME = frozenset({401, 403, 404})  # the provider's config (key, model): fail over, don't retry it
+ANTHROPIC_VERSION = "2023-06-01"
+# An event's usage as (so far, event name, event data) -> usage so far; a partial count is marked estimated.
+StreamUsage = Callable[[Usage | None, str, dict[str, Any]], Usage | None]
+
+
+def _tokens(raw: Any, input_key: str, output_key: str, *, estimated: bool = False) -> Usage | None:
+    """`raw[input_key]` / `raw[output_key]` as a Usage (None without a prompt count)."""
+    if not isinstance(raw, dict) or not isinstance(prompt := raw.get(input_key), int):
+        return None
+    completion = raw.get(output_key)
+    return Usage(prompt, completion if isinstance(completion, int) else 0, estimated=estimated)
+
+
+def _openai_usage(usage: Any) -> Usage | None:
+    return _tokens(usage, "prompt_tokens", "completion_tokens")
+
+
+def _io_usage(usage: Any) -> Usage | None:
+    """The Responses and Messages APIs' names."""
+    return _tokens(usage, "input_tokens", "output_tokens")
+
+
+def _responses_stream_usage(_: Usage | None, __: str, data: dict[str, Any]) -> Usage | None:
+    response = data.get("response")
+    return _io_usage(response.get("usage")) if isinstance(response, dict) else None
+
+
+def _messages_stream_usage(so_far: Usage | None, name: str, data: dict[str, Any]) -> Usage | None:
+    """`message_start` has the input tokens (output not yet known: estimated until a `message_delta`, whose
+    `usage` is cumulative, and lately may repeat the input count)."""
+    if name == "message_start":
+        message = data.get("message")
+        usage = message.get("usage") if isinstance(message, dict) else None
+        return _tokens(usage, "input_tokens", "output_tokens", estimated=True)
+    usage = data.get("usage")
+    if not isinstance(usage, dict) or not isinstance(output := usage.get("output_tokens"), int):
+        return None
+    prompt = usage.get("input_tokens")
+    return Usage(prompt if isinstance(prompt, int) else so_far.prompt_tokens if so_far else 0, output)
+
+
+@dataclass(frozen=True, slots=True)
+class Protocol:
+    """How one endpoint is spoken upstream: its path, where its usage is, how its stream is framed."""
+
+    path: str  # appended to the provider's base_url
+    usage: Callable[[Any], Usage | None]  # a whole answer's `usage` -> tokens
+    streams: bool = True  # False: never sent `stream`
+    # OpenAI chunks (`data:` only): `stream_options.include_usage` asked, its usage-only chunk, `[DONE]` last.
+    chunks: bool = False
+    anthropic: bool = False  # Anthropic's own API: on `kind: anthropic`, its auth headers instead of Bearer
+    # Typed streams (`event:` + `data:` events, named by the `event:` line or the data's `type`):
+    last: frozenset[str] = frozenset()  # the events that end the stream
+    preamble: frozenset[str] = frozenset()  # held back until the first content: an error after them is retried
+    stream_usage: StreamUsage | None = None  # applied to the `usage_events`
+    usage_events: frozenset[str] = frozenset()
+    content: str = ""  # events whose name ends so are content: a cut stream's completion estimate
+
+    @property
+    def end(self) -> str:
+        return "[DONE]" if self.chunks else " or ".join(sorted(self.last))
+
+
+_RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
+PROTOCOLS: dict[Endpoint, Protocol] = {
+    "chat": Protocol("/chat/completions", _openai_usage, chunks=True),
+    "completion": Protocol("/completions", _openai_usage, chunks=True),
+    "embeddings": Protocol("/embeddings", _openai_usage, streams=False),
+    "responses": Protocol(
+        "/responses", _io_usage, last=_RESPONSES_END, stream_usage=_responses_stream_usage,
+        usage_events=_RESPONSES_END, content=".delta",
+        preamble=frozenset({"response.created", "response.in_progress", "response.output_item.added",
+                            "response.content_part.added"}),
+    ),
+    "messages": Protocol(
+        "/messages", _io_usage, anthropic=True, last=frozenset({"message_stop"}),
+        stream_usage=_messages_stream_usage, usage_events=frozenset({"message_start", "message_delta"}),
+        content="content_block_delta", preamble=frozenset({"message_start", "ping", "content_block_start"}),
+    ),
+    "count_tokens": Protocol("/messages/count_tokens", lambda _: Usage(), streams=False, anthropic=True),  # free
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +230,15 @@ class ProviderClient:
         self.base_url = provider.base_url.rstrip("/")
         env = os.environ if env is None else env
         self.key_missing = bool(provider.api_key_env) and not env.get(provider.api_key_env or "")
+        key = env[provider.api_key_env] if provider.api_key_env and not self.key_missing else None
+        bearer = {"authorization": f"Bearer {key}"} if key else {}
+        native = {"anthropic-version": ANTHROPIC_VERSION, **({"x-api-key": key} if key else {})}
+        # Per request, not on the client: an endpoint's auth replaces the other's, it does not add to it.
+        self.headers: dict[Endpoint, dict[str, str]] = {
+            endpoint: {**_JSON, **(native if proto.anthropic and provider.kind == "anthropic" else bearer)}
+            for endpoint, proto in PROTOCOLS.items()
+        }
         headers = {"user-agent": "tierserve", "accept": "application/json, text/event-stream"}
-        if provider.api_key_env and not self.key_missing:
-            headers["authorization"] = f"Bearer {env[provider.api_key_env]}"
         p = provider
         # read: the longest silence between bytes; the total deadline is ours (see start()).
         timeout = httpx.Timeout(connect=p.timeout_connect_s, read=p.timeout_read_s, write=p.timeout_read_s, pool=5)
@@ -158,6 +249,15 @@ class ProviderClient:
 
     # -- the call -----------------------------------------------------------------------------------
 
+    def refusal(self, endpoint: Endpoint, tier: str) -> str | None:
+        """Why this provider can't be asked `endpoint` for `tier` (None: it can)."""
+        if endpoint not in self.provider.endpoints:
+            served = ", ".join(self.provider.endpoints) or "none"
+            return f"provider {self.provider.name} does not serve the {endpoint} endpoint (it serves: {served})"
+        if self.provider.upstream_model(tier) is None:
+            return f"provider {self.provider.name} does not serve tier {tier}"
+        return None
+
     async def start(
         self, endpoint: Endpoint, body: Mapping[str, Any], *, tier: str, stream: bool, prompt_tokens: int = 0
     ) -> Completed | Streaming:
@@ -167,24 +267,30 @@ class ProviderClient:
         Raises UpstreamError when no answer could be started (breaker open, key missing, retries spent).
         """
         name = self.provider.name
-        model = self.provider.upstream_model(tier)
-        if model is None or endpoint not in self.provider.endpoints:
-            raise UpstreamError(503, f"provider {name} does not serve tier {tier} on {endpoint}", attempts=0)
+        proto = PROTOCOLS[endpoint]
+        if (why := self.refusal(endpoint, tier)) is not None:
+            raise UpstreamError(503, why, attempts=0)
+        if stream and not proto.streams:
+            raise UpstreamError(400, f"the {endpoint} endpoint does not stream", attempts=0)
         if self.key_missing:
             self._report(tier, endpoint, stream, "failed", 0, None, None, f"{self.provider.api_key_env} is not set")
             raise UpstreamError(503, f"provider {name}: ${self.provider.api_key_env} is not set", attempts=0)
         if self.breaker is not None and not self.breaker.acquire():
             retry = self.breaker.retry_in_s()
             raise UpstreamError(503, f"provider {name}: breaker open", attempts=0, retry_after_s=retry)
-        payload = {**body, "model": model, "stream": stream}
-        client_usage = False
-        if not stream:
+        payload = {**body, "model": self.provider.upstream_model(tier)}
+        if proto.streams:
+            payload["stream"] = stream
+        else:  # embeddings, count_tokens: strict upstreams (OpenAI) reject arguments they don't take
+            payload.pop("stream", None)
+            payload.pop("stream_options", None)
+        client_usage = True  # nothing asked on the client's behalf, so nothing to hide from it
+        if proto.chunks and not stream:
             payload.pop("stream_options", None)  # vLLM answers 400 to stream_options without stream
-        elif self.provider.stream_usage:
+        elif proto.chunks and self.provider.stream_usage:
             payload, client_usage = with_usage(payload)
-        else:
-            client_usage = True  # nothing asked on the client's behalf, so nothing to hide from it
-        url = self.base_url + PATHS[endpoint]
+        url = self.base_url + proto.path
+        headers = self.headers[endpoint]
         started = self.clock()
         deadline = started + self.provider.timeout_total_s
         attempts = 0
@@ -194,11 +300,11 @@ class ProviderClient:
                 attempts += 1
                 try:
                     if stream:
-                        events = await self._open_stream(url, payload, deadline)
-                        first = await self._first_event(events, deadline)
+                        events = await self._open_stream(url, payload, headers, deadline)
+                        head = await self._head(events, proto, deadline)
                     else:
-                        response = await self._post(url, payload, deadline)
-                        return self._completed(response, tier, endpoint, attempts, started)
+                        response = await self._post(url, payload, headers, deadline)
+                        return self._completed(response, proto, tier, endpoint, attempts, started)
                 except _Retry as exc:
                     last = exc
                 else:
@@ -209,7 +315,7 @@ class ProviderClient:
 
                     streaming = Streaming(attempts, abandon)
                     streaming.events = self._relay(
-                        events, first, tier, endpoint, attempts, started, prompt_tokens, client_usage, streaming
+                        events, head, proto, tier, endpoint, attempts, started, prompt_tokens, client_usage, streaming
                     )
                     return streaming
                 if not self._again(last, attempts, deadline):
@@ -238,10 +344,12 @@ class ProviderClient:
 
     # -- non-streamed ---------------------------------------------------------------------------------
 
-    async def _post(self, url: str, payload: dict[str, Any], deadline: float) -> httpx.Response:
+    async def _post(
+        self, url: str, payload: dict[str, Any], headers: dict[str, str], deadline: float
+    ) -> httpx.Response:
         try:
             async with asyncio.timeout(max(0.0, deadline - self.clock())):
-                response = await self.http.post(url, content=orjson.dumps(payload), headers=_JSON)
+                response = await self.http.post(url, content=orjson.dumps(payload), headers=headers)
         except TimeoutError:
             raise _Retry(504, f"no answer within timeout_total_s {self.provider.timeout_total_s:g}s") from None
         except httpx.HTTPError as exc:
@@ -250,20 +358,22 @@ class ProviderClient:
         return response
 
     def _completed(
-        self, response: httpx.Response, tier: str, endpoint: str, attempts: int, started: float
+        self, response: httpx.Response, proto: Protocol, tier: str, endpoint: str, attempts: int, started: float
     ) -> Completed:
         try:
             data = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             raise _Retry(502, "upstream sent a 200 that is not JSON") from None
-        usage = _usage(data.get("usage") if isinstance(data, dict) else None)
+        usage = proto.usage(data.get("usage") if isinstance(data, dict) else None)
         self._report(tier, endpoint, False, "ok", attempts, self.clock() - started, usage, None)
         return Completed(200, response.content, usage, attempts)
 
     # -- streamed -------------------------------------------------------------------------------------
 
-    async def _open_stream(self, url: str, payload: dict[str, Any], deadline: float) -> _Events:
-        request = self.http.build_request("POST", url, content=orjson.dumps(payload), headers=_JSON)
+    async def _open_stream(
+        self, url: str, payload: dict[str, Any], headers: dict[str, str], deadline: float
+    ) -> _Events:
+        request = self.http.build_request("POST", url, content=orjson.dumps(payload), headers=headers)
         try:
             async with asyncio.timeout(max(0.0, deadline - self.clock())):
                 response = await self.http.send(request, stream=True)
@@ -282,28 +392,36 @@ class ProviderClient:
             _check_status(response.status_code, content, response.headers)
         return _Events(response)
 
-    async def _first_event(self, events: _Events, deadline: float) -> bytes:
+    async def _head(self, events: _Events, proto: Protocol, deadline: float) -> list[bytes]:
+        """The stream's first event, after the preamble events before it: all of them, or _Retry."""
+        head: list[bytes] = []
         try:
             async with asyncio.timeout(max(0.0, deadline - self.clock())):
-                first = await events.next()
+                while True:
+                    event = await events.next()
+                    if event is None:
+                        raise _Retry(502, "upstream ended the stream before its first event")
+                    name = _typed(event)[0] if not proto.chunks else None
+                    if is_error_event(event) or name == "error":
+                        raise _Retry(502, f"upstream error event before the first token: {_error_message(event)}")
+                    head.append(event)
+                    if name not in proto.preamble:
+                        return head
         except TimeoutError:
             await events.close()
             raise _Retry(504, f"no first event within timeout_total_s {self.provider.timeout_total_s:g}s") from None
         except httpx.HTTPError as exc:
             await events.close()
             raise _transport_error(exc) from None
-        if first is None:
+        except _Retry:
             await events.close()
-            raise _Retry(502, "upstream ended the stream before its first event")
-        if is_error_event(first):
-            await events.close()
-            raise _Retry(502, f"upstream error event before the first token: {_error_message(first[6:])}")
-        return first
+            raise
 
     async def _relay(
         self,
         events: _Events,
-        first: bytes,
+        head: list[bytes],
+        proto: Protocol,
         tier: str,
         endpoint: str,
         attempts: int,
@@ -317,28 +435,23 @@ class ProviderClient:
         chunks = 0  # content events: the completion estimate when no usage arrives
         error: str | None = None
         result: Verdict = "ok"
-        event: bytes | None = first
+        pending = list(head)
+        event: bytes | None = pending.pop(0)
         try:
             while event is not None:
-                if is_done(event):
-                    yield event
+                seen, usage = _inspect(proto, event, usage)
+                if seen == "error":
+                    error = f"upstream error event mid-stream: {_error_message(event)}"
                     break
-                if is_error_event(event):
-                    error = f"upstream error event mid-stream: {_error_message(event[6:])}"
-                    break
-                if b'"usage":{' in event or b'"usage": {' in event:
-                    parsed = _json(event[6:])
-                    found = _usage(parsed.get("usage")) if parsed else None
-                    usage = found or usage
-                    if found and parsed is not None and not parsed.get("choices") and not client_usage:
-                        event = await events.next()
-                        continue  # asked for accounting only
-                else:
+                if seen == "content":
                     chunks += 1
-                yield event
-                event = await events.next()
+                if seen != "usage_only" or client_usage:  # else: asked for accounting only
+                    yield event
+                if seen == "last":
+                    break
+                event = pending.pop(0) if pending else await events.next()
             else:
-                error = "upstream ended the stream without [DONE]"
+                error = f"upstream ended the stream without {proto.end}"
         except httpx.ReadTimeout:
             error = f"upstream stalled longer than timeout_read_s {self.provider.timeout_read_s:g}s"
         except httpx.HTTPError as exc:
@@ -350,11 +463,14 @@ class ProviderClient:
             await events.close()
             if result != "cancelled" and error is not None:
                 result = "failed"
-            final = usage or Usage(prompt_tokens, chunks, estimated=True)
-            into.usage = final
-            self._report(tier, endpoint, True, result, attempts, ttfb, final, error)
+            if usage is None or usage.estimated:  # none, or the input tokens only (Anthropic's message_start)
+                known = usage.prompt_tokens if usage else prompt_tokens
+                usage = Usage(known, max(chunks, usage.completion_tokens if usage else 0), estimated=True)
+            into.usage = usage
+            self._report(tier, endpoint, True, result, attempts, ttfb, usage, error)
         if error is not None:
-            yield APIError(502, f"provider {self.provider.name}: {error}", code="upstream_stream_error").sse()
+            yield render_sse(APIError(502, f"provider {self.provider.name}: {error}", code="upstream_stream_error"),
+                             protocol_of(endpoint))
 
     # -- reporting ----------------------------------------------------------------------------------
 
@@ -395,7 +511,8 @@ class _ClientError(Exception):
 
 
 class _Events:
-    """SSE events (each ending in a blank line) out of an httpx streaming response."""
+    """SSE events (each ending in a blank line, whatever its lines: `data:`, `event:` + `data:`) out of an httpx
+    streaming response, however the network split them; each is returned whole, as sent (CRLF made LF)."""
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
@@ -415,6 +532,9 @@ class _Events:
             except StopAsyncIteration:
                 rest, self.buffer = self.buffer.strip(), b""
                 return rest + b"\n\n" if rest else None
+            if self.buffer.endswith(b"\r"):  # a CRLF split between two reads
+                data = self.buffer[-1:] + data
+                self.buffer = self.buffer[:-1]
             self.buffer += data.replace(b"\r\n", b"\n")
 
     async def close(self) -> None:
@@ -431,7 +551,7 @@ def _check_status(status: int, content: bytes, headers: httpx.Headers) -> None:
         code = error.get("code") if isinstance(error, dict) else None
         param = error.get("param") if isinstance(error, dict) else None
         lowered = message.lower()
-        if "context length" in lowered or "maximum context" in lowered:
+        if "context length" in lowered or "maximum context" in lowered or "prompt is too long" in lowered:
             code = "context_length_exceeded"
         raise _ClientError(APIError(status, message, param=param, code=code if isinstance(code, str) else None))
     retry_after = None
@@ -456,20 +576,65 @@ def _json(data: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
+def _data(event: bytes) -> bytes:
+    """The data of one SSE event (its `data:` lines joined)."""
+    if event.startswith(b"data: "):  # the common case: one line
+        return event[6:]
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else event
+
+
+def _typed(event: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    """A typed event's name (its `event:` line, or else its data's `type`) and its data when that was parsed."""
+    if event.startswith(b"event:"):
+        start = 0
+    elif (start := event.find(b"\nevent:") + 1) == 0:
+        data = _json(_data(event))
+        kind = data.get("type") if data else None
+        return (kind if isinstance(kind, str) else None), data
+    end = event.find(b"\n", start)
+    return event[start + 6 : end if end >= 0 else None].strip().decode(errors="replace"), None
+
+
+Seen = Literal["content", "usage_only", "last", "error", "other"]
+
+
+def _inspect(proto: Protocol, event: bytes, usage: Usage | None) -> tuple[Seen, Usage | None]:
+    """What one upstream event is to the relay, and the usage so far once it is counted."""
+    if proto.chunks:
+        if is_done(event):
+            return "last", usage
+        if is_error_event(event):
+            return "error", usage
+        if b'"usage":{' not in event and b'"usage": {' not in event:
+            return "content", usage
+        parsed = _json(_data(event))
+        found = _openai_usage(parsed.get("usage")) if parsed else None
+        # The chunk answering stream_options.include_usage has no choices; usage on a content chunk is vLLM's.
+        return ("usage_only" if found and parsed and not parsed.get("choices") else "other"), found or usage
+    name, data = _typed(event)
+    if name == "error" or is_error_event(event):
+        return "error", usage
+    if name is None:
+        return "other", usage
+    if name in proto.usage_events and proto.stream_usage is not None:
+        data = data if data is not None else _json(_data(event))
+        usage = (proto.stream_usage(usage, name, data) if data else None) or usage
+    if name in proto.last:
+        return "last", usage
+    return ("content" if proto.content and name.endswith(proto.content) else "other"), usage
+
+
 def _error_message(data: bytes) -> str:
-    parsed = _json(data.strip())
+    """The message of an error body or event: OpenAI's and Anthropic's `error.message`, the Responses API's
+    error event's `message`."""
+    data = _data(data).strip()
+    parsed = _json(data)
     error = parsed.get("error") if parsed else None
     if isinstance(error, dict):
         return str(error.get("message") or error.get("type") or "error")[:300]
     if isinstance(error, str):
         return error[:300]
+    if parsed and isinstance(message := parsed.get("message"), str):
+        return message[:300]
     return data[:200].decode(errors="replace")
-
-
-def _usage(raw: Any) -> Usage | None:
-    if not isinstance(raw, dict):
-        return None
-    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
-    if not isinstance(prompt, int):
-        return None
-    return Usage(prompt, completion if isinstance(completion, int) else 0)

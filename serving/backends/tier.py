@@ -13,24 +13,29 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
+from starlette.responses import Response as StarletteResponse
 
 from serving.backends.affinity import colocate_engine_cores
-from serving.config import ENDPOINTS, Tier
+from serving.config import PROMPT_FIELD, Tier
 from serving.ops.metrics import engine_metrics_text, engine_waiting
 from serving.ops.tracing import Tracing
-from serving.wire.errors import APIError, from_validation_errors, from_vllm_error
+from serving.wire.errors import APIError, from_validation_errors, from_vllm_error, protocol_of, render_sse
 from serving.wire.items import Call, Result, StreamItem, Usage
-from serving.wire.sse import DONE, DONE_TEXT, is_error_event, with_usage
+from serving.wire.sse import DONE_TEXT, is_error_event, with_usage
 
 log = logging.getLogger(__name__)
 
 USAGE_CHUNK_PREFIX = 'data: {"id":'  # vLLM's chunks; the usage-only one has `"choices":[]`
+# The OpenAI endpoints whose streams carry usage only when `stream_options.include_usage` asks for it.
+USAGE_OPTION_ENDPOINTS = frozenset({"chat", "completion"})
+_RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def engine_args(tier: Tier, model_path: Path) -> Any:
@@ -51,21 +56,34 @@ def engine_args(tier: Tier, model_path: Path) -> Any:
         # Worker processes, not Ray actors: the replica's own actor already holds the tier's resources.
         distributed_executor_backend="mp",
         disable_log_stats=False,
+        **_task_args(tier),
         **e.extra,
     )
+
+
+def _task_args(tier: Tier) -> dict[str, Any]:
+    return {"runner": "pooling"} if tier.task == "embed" else {}  # an embedding model: vLLM's pooling runner
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How one endpoint reaches vLLM's serving code: the request model that validates the body, the handler."""
+
+    request_type: Any  # a pydantic model class, or a TypeAdapter for a union (embeddings)
+    handle: Callable[[Any], Awaitable[Any]]
+
+    def validate(self, body: dict[str, Any]) -> Any:
+        if isinstance(self.request_type, type) and issubclass(self.request_type, BaseModel):
+            return self.request_type.model_validate(body)
+        return self.request_type.validate_python(body)
 
 
 class TierServer:
     """Plain class; `serving.app` wraps it with `serve.deployment` and the tier's options."""
 
     def __init__(self, tier_name: str, tier: Tier, cache_dir: str) -> None:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-        from vllm.renderers.online_renderer import OnlineRenderer
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from serving.backends.weights import resolve
@@ -76,7 +94,7 @@ class TierServer:
         self.tier = tier
         self.tracing = Tracing(f"tierserve-tier-{tier_name}")
         os.environ.update(tier.resources.env)
-        model_path = resolve(tier.model, Path(cache_dir))
+        model_path = resolve(tier.model, Path(cache_dir), embedding=tier.task == "embed")
         log.info("tier %s: starting engine for %s", tier_name, model_path)
         self.engine: Any = AsyncLLM.from_engine_args(engine_args(tier, model_path))  # None once shut down
         if tier.resources.colocate_engine_core and tier.resources.gpus == 0:
@@ -86,29 +104,10 @@ class TierServer:
             engine_client=self.engine,
             base_model_paths=[BaseModelPath(name=tier.served_name, model_path=str(model_path))],
         )
-        renderer = OnlineRenderer(
-            model_config=self.engine.model_config,
-            renderer=self.engine.renderer,
-            request_logger=None,
-            chat_template=None,
-            chat_template_content_format="auto",
-        )
-        self.serving: dict[str, Any] = {
-            "chat": OpenAIServingChat(
-                self.engine,
-                models,
-                "assistant",
-                online_renderer=renderer,
-                request_logger=None,
-                chat_template=None,
-                chat_template_content_format="auto",
-            ),
-            "completion": OpenAIServingCompletion(
-                self.engine, models, online_renderer=renderer, request_logger=None
-            ),
-        }
-        self.request_types: dict[str, type[BaseModel]] = {"chat": ChatCompletionRequest,
-                                                          "completion": CompletionRequest}
+        if tier.task == "embed":
+            self.routes = _embedding_routes(self.engine, models)
+        else:
+            self.routes = _generate_routes(self.engine, models, tier)
         self.replica_id = _replica_id()
         self.gpus: Any = None  # GpuCollector, made on first use (NVML init once per replica)
 
@@ -123,39 +122,53 @@ class TierServer:
             error = exc if isinstance(exc, APIError) else self._map_exception(exc)
             if error.code == "context_length_exceeded":
                 # vLLM says `input_tokens`; OpenAI names the field the client sent.
-                error.param = "messages" if endpoint == "chat" else "prompt"
+                error.param = PROMPT_FIELD.get(endpoint, "messages")  # type: ignore[call-overload]
             if error is exc:
                 raise
             raise error from exc
 
     async def _submit(self, endpoint: str, body: dict[str, Any]) -> Any:
         """Validate with vLLM's protocol types and hand the request to vLLM's serving code."""
-        if endpoint not in ENDPOINTS:
-            raise APIError(404, f"unknown endpoint {endpoint!r}")
+        route = self.routes.get(endpoint)
+        if route is None:
+            raise APIError(404, f"tier {self.tier_name} ({self.tier.task} model) does not serve {endpoint}",
+                           code="unsupported_endpoint")
         body = {**body, "model": self.tier.served_name}
-        request_type = self.request_types[endpoint]
+        self._check_tools(endpoint, body)
         try:
-            request = request_type.model_validate(body)
+            request = route.validate(body)
         except ValidationError as exc:
             raise from_validation_errors(exc.errors()) from None
         except Exception as exc:
             # Some of vLLM's validators crash on a wrong type instead of reporting it (e.g. AttributeError for
             # `structured_outputs: true`): still the request's fault, so a 400, naming the field if one is.
-            param = _culprit(request_type, body)
+            param = _culprit(route, body)
             where = f"{param}: " if param else ""
             raise APIError(400, f"{where}invalid value ({type(exc).__name__}: {exc})", param=param) from None
         if self.engine is None or self.engine.errored:
             raise APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting")
-        handler = self.serving[endpoint]
         with self.tracing.span("tierserve.engine", model=self.tier.served_name):
-            if endpoint == "chat":
-                result = await handler.create_chat_completion(request, None)
-            else:
-                result = await handler.create_completion(request, None)
+            result = await route.handle(request)
         error = getattr(result, "error", None)
-        if error is not None:
+        if error is not None and hasattr(error, "model_dump"):
             raise from_vllm_error(error.model_dump())
+        if isinstance(result, StarletteResponse) and result.status_code >= 400:  # a pooling handler's error
+            raise from_vllm_error(orjson.loads(bytes(result.body)).get("error") or {"code": result.status_code})
         return result
+
+    def _check_tools(self, endpoint: str, body: dict[str, Any]) -> None:
+        """tool_choice "auto" needs the tier's tool-call parser: say which setting, not vLLM's CLI flags."""
+        if self.tier.tool_call_parser is not None or not body.get("tools"):
+            return
+        choice = body.get("tool_choice")
+        auto = choice in (None, "auto") or (isinstance(choice, dict) and choice.get("type") == "auto")
+        if auto:
+            raise APIError(
+                400,
+                f"tool_choice: \"auto\" (the default when tools are given) needs a tool-call parser, and tier "
+                f"{self.tier_name} has none: set tiers.{self.tier_name}.tool_call_parser in models.yaml, or send "
+                "tool_choice \"none\", \"required\" or a named function",
+                param="tool_choice", code="tool_choice_unsupported")
 
     def _map_exception(self, exc: Exception) -> APIError:
         """vLLM's own exception -> status mapping (validation 400, not found 404, engine 5xx)."""
@@ -176,12 +189,18 @@ class TierServer:
             result = await self._start(endpoint, body)
         except APIError as exc:
             return Result.error(exc)
+        if isinstance(result, StarletteResponse):  # the pooling handlers answer with a ready response
+            data = bytes(result.body)
+            return Result(200, data, _usage_of(endpoint, orjson.loads(data).get("usage")))
         if not hasattr(result, "model_dump"):  # a generator: the body asked for stream=true
             return Result.error(APIError(400, "stream=true must use the streaming path", param="stream"))
-        usage = result.usage
+        if endpoint == "responses":
+            dumped = result.model_dump(mode="json", by_alias=True)  # as vLLM's own route writes it
+        else:
+            dumped = result.model_dump(exclude_none=True)
         # NON_STR_KEYS: `prompt_logprobs` are keyed by token id; JSON writes those keys as strings (as vLLM does).
-        data = orjson.dumps(result.model_dump(exclude_none=True), option=orjson.OPT_NON_STR_KEYS)
-        return Result(200, data, Usage(usage.prompt_tokens, usage.completion_tokens or 0))
+        data = orjson.dumps(dumped, option=orjson.OPT_NON_STR_KEYS)
+        return Result(200, data, _usage_of(endpoint, dumped.get("usage")))
 
     async def stream(self, call: Call, coalesce: bool = True) -> AsyncIterator[StreamItem]:
         """Yield an error Result alone, or SSE bytes, then a Usage, then `[DONE]`. `coalesce` (the Ray path)
@@ -190,7 +209,9 @@ class TierServer:
         endpoint = call.endpoint
         with self.tracing.span("tierserve.tier", parent=call.trace, tier=self.tier_name, endpoint=endpoint,
                                stream=True):
-            body, client_wants_usage = with_usage(call.body)
+            body, client_wants_usage = call.body, True
+            if endpoint in USAGE_OPTION_ENDPOINTS:
+                body, client_wants_usage = with_usage(body)
             try:
                 result = await self._start(endpoint, body)
             except APIError as exc:
@@ -199,7 +220,7 @@ class TierServer:
             if hasattr(result, "model_dump"):
                 yield Result.error(APIError(400, "stream=false must use the non-streaming path", param="stream"))
                 return
-            items = self._items(result, client_wants_usage)
+            items = self._items(endpoint, result, client_wants_usage)
             if coalesce:
                 items = _coalesced(items)
             async with contextlib.aclosing(items):  # closed now, not when collected: aborts in the engine
@@ -207,43 +228,53 @@ class TierServer:
                     yield item
 
     async def _items(
-        self, result: AsyncGenerator[str, None], client_wants_usage: bool
+        self, endpoint: str, result: AsyncGenerator[Any, None], client_wants_usage: bool
     ) -> AsyncGenerator[bytes | Usage, None]:
-        """vLLM's SSE strings as bytes, with the usage as a Usage item after the data and before `[DONE]` (a
-        client hangs up on [DONE], and anything still owed after it turns a finished response into a
-        cancelled one). Closing this generator closes vLLM's, which aborts the request in the engine."""
+        """vLLM's SSE events as bytes, with the usage as a Usage item after the data and before the closing event
+        (`[DONE]`, Anthropic's `message_stop`, the Responses API's `response.completed`): a client hangs up on
+        that, and anything still owed after it turns a finished response into a cancelled one. Closing this
+        generator closes vLLM's, which aborts the request in the engine."""
         usage: Usage | None = None
-        done = False
+        closing: list[str] = []
         try:
             async with contextlib.aclosing(result):  # our close reaches vLLM's generator at once
-                async for chunk in result:
-                    if chunk.startswith(USAGE_CHUNK_PREFIX) and '"choices":[]' in chunk:
-                        counts = orjson.loads(chunk[6:])["usage"]
-                        usage = Usage(counts["prompt_tokens"], counts.get("completion_tokens") or 0)
-                        if not client_wants_usage:
-                            continue
-                    elif chunk == DONE_TEXT:
-                        done = True  # vLLM's last item: held until the usage has gone
+                async for item in result:
+                    event = _event_text(item)
+                    found, terminal = _scan(endpoint, event)
+                    if found is not None:
+                        usage = found
+                        if endpoint in USAGE_OPTION_ENDPOINTS and not client_wants_usage:
+                            continue  # the usage-only chunk tierserve asked for
+                    if terminal:
+                        closing.append(event)  # held until the usage has gone
                         continue
-                    yield _translate_sse(chunk)
-        except Exception as exc:  # the stream has started: report in-stream, in the same envelope
-            yield self._map_exception(exc).sse()
+                    yield _translate_sse(event) if endpoint in USAGE_OPTION_ENDPOINTS else event.encode()
+        except Exception as exc:  # the stream has started: report in-stream, in the stream's own protocol
+            yield render_sse(self._map_exception(exc), protocol_of(endpoint))
         if usage is not None:
             yield usage
-        if done:
-            yield DONE
+        for event in closing:
+            yield event.encode()
 
     # -- health and telemetry -----------------------------------------------------------------------
 
     async def probe(self) -> float:
-        """Generate one token straight through the engine: proof of life that /health/ready can trust."""
+        """One token (an embedding tier: one embedding) straight through the engine: proof of life that
+        /health/ready can trust."""
         from vllm import SamplingParams
 
         if self.engine is None:
             raise RuntimeError(f"tier {self.tier_name}: engine stopped")
         start = time.perf_counter()
-        params = SamplingParams(max_tokens=1, temperature=0)
-        async for _ in self.engine.generate({"prompt": "ok"}, params, request_id=f"probe-{uuid.uuid4().hex}"):
+        request_id = f"probe-{uuid.uuid4().hex}"
+        if self.tier.task == "embed":  # a pooling engine does not generate: one embedding is its proof
+            from vllm import PoolingParams
+
+            stream = self.engine.encode({"prompt": "ok"}, PoolingParams(task="embed"), request_id=request_id)
+        else:
+            stream = self.engine.generate({"prompt": "ok"}, SamplingParams(max_tokens=1, temperature=0),
+                                          request_id=request_id)
+        async for _ in stream:
             pass
         return time.perf_counter() - start
 
@@ -316,13 +347,13 @@ def _replica_id() -> str:
         return str(os.getpid())
 
 
-def _culprit(request_type: Any, body: dict[str, Any]) -> str | None:
+def _culprit(route: Route, body: dict[str, Any]) -> str | None:
     """The top-level field without which `body` validates (error path only: one validation per field)."""
     for name in body:
-        if name in ("model", "messages", "prompt"):
+        if name in ("model", "messages", "prompt", "input"):
             continue
         try:
-            request_type.model_validate({k: v for k, v in body.items() if k != name})
+            route.validate({k: v for k, v in body.items() if k != name})
         except Exception:
             continue
         return name
@@ -372,3 +403,103 @@ def _translate_sse(chunk: str) -> bytes:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             pass
     return chunk.encode()
+
+
+def _event_text(item: Any) -> str:
+    """vLLM's chat, completion and Messages streams yield SSE text; its Responses stream yields event objects,
+    written here the way vLLM's own route writes them."""
+    if isinstance(item, str):
+        return item
+    return f"event: {item.type}\ndata: {item.model_dump_json(indent=None, by_alias=True)}\n\n"
+
+
+def _scan(endpoint: str, event: str) -> tuple[Usage | None, bool]:
+    """(the usage an event carries, whether it closes the stream). Only the few events that can carry usage
+    are parsed."""
+    if endpoint in USAGE_OPTION_ENDPOINTS:
+        if event == DONE_TEXT:
+            return None, True
+        if event.startswith(USAGE_CHUNK_PREFIX) and '"choices":[]' in event:
+            return _usage_of(endpoint, orjson.loads(event[6:])["usage"]), False
+        return None, False
+    if endpoint == "messages":
+        if event.startswith("event: message_stop"):
+            return None, True
+        if event.startswith("event: message_delta"):
+            return _usage_of(endpoint, orjson.loads(_data_of(event)).get("usage")), False
+        return None, False
+    if endpoint == "responses" and event.startswith("event: response."):
+        kind = event[7:event.index("\n")]
+        if kind in _RESPONSES_END:
+            return _usage_of(endpoint, orjson.loads(_data_of(event))["response"].get("usage")), True
+    return None, False
+
+
+def _data_of(event: str) -> str:
+    return event[event.index("\ndata: ") + 7:]
+
+
+def _usage_of(endpoint: str, usage: Any) -> Usage:
+    """Token counts from a response's `usage`, in each API's own field names."""
+    if not isinstance(usage, dict):
+        return Usage()
+    if endpoint in ("responses", "messages"):
+        return Usage(usage.get("input_tokens") or 0, usage.get("output_tokens") or 0)
+    if endpoint == "count_tokens":
+        return Usage()  # counting is not generating: nothing to charge
+    return Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+
+
+def _generate_routes(engine: Any, models: Any, tier: Tier) -> dict[str, Route]:
+    """vLLM's serving classes for a generating model, configured as `vllm serve` would be with this tier's
+    tool-call parser, reasoning parser and chat template."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
+    from vllm.renderers.chat_utils import load_chat_template
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    template = load_chat_template(tier.chat_template) if tier.chat_template else None
+    renderer = OnlineRenderer(
+        model_config=engine.model_config,
+        renderer=engine.renderer,
+        request_logger=None,
+        chat_template=template,
+        chat_template_content_format="auto",
+    )
+    chat_like: dict[str, Any] = {
+        "online_renderer": renderer,
+        "request_logger": None,
+        "chat_template": template,
+        "chat_template_content_format": "auto",
+        "enable_auto_tools": tier.tool_call_parser is not None,
+        "tool_parser": tier.tool_call_parser,
+        "reasoning_parser": tier.reasoning_parser or "",
+    }
+    chat = OpenAIServingChat(engine, models, "assistant", **chat_like)
+    completion = OpenAIServingCompletion(engine, models, online_renderer=renderer, request_logger=None)
+    # The gateway keeps stored responses itself (per key, across replicas): vLLM's store stays off.
+    responses = OpenAIServingResponses(engine, models, **chat_like)
+    messages = AnthropicServingMessages(engine, models, "assistant", **chat_like)
+    return {
+        "chat": Route(ChatCompletionRequest, lambda r: chat.create_chat_completion(r, None)),
+        "completion": Route(CompletionRequest, lambda r: completion.create_completion(r, None)),
+        "responses": Route(ResponsesRequest, lambda r: responses.create_responses(r, None)),
+        "messages": Route(AnthropicMessagesRequest, lambda r: messages.create_messages(r, None)),
+        "count_tokens": Route(AnthropicCountTokensRequest, lambda r: messages.count_tokens(r, None)),
+    }
+
+
+def _embedding_routes(engine: Any, models: Any) -> dict[str, Route]:
+    from pydantic import TypeAdapter
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+    from vllm.entrypoints.pooling.embed.serving import ServingEmbedding
+    from vllm.renderers.chat_utils import ChatTemplateConfig
+
+    embedding = ServingEmbedding(engine, models, request_logger=None, chat_template_config=ChatTemplateConfig())
+    return {"embeddings": Route(TypeAdapter(EmbeddingRequest), lambda r: embedding(r, None))}

@@ -14,11 +14,12 @@ class WeightsError(RuntimeError):
     pass
 
 
-def resolve(source: ModelSource, cache_dir: Path) -> Path:
+def resolve(source: ModelSource, cache_dir: Path, *, embedding: bool = False) -> Path:
+    """The model directory of a tier's source; `embedding` picks the tiny embedding model for a tiny seed."""
     if source.tiny_seed is not None:
         from serving.backends.tinymodel import cached_tiny_model
 
-        return cached_tiny_model(cache_dir, source.tiny_seed)
+        return cached_tiny_model(cache_dir, source.tiny_seed, embedding=embedding)
     if source.path is not None:
         path = Path(source.path).expanduser()
         if not (path / "config.json").is_file():
@@ -54,5 +55,5 @@ def prefetch(config: AppConfig, cache_dir: Path) -> dict[str, Path]:
     paths = {}
     for name, tier in config.tiers.items():
         log.info("tier %s: preparing %s", name, tier.model.model_dump(exclude_none=True))
-        paths[name] = resolve(tier.model, cache_dir)
+        paths[name] = resolve(tier.model, cache_dir, embedding=tier.task == "embed")
     return paths

@@ -1,11 +1,12 @@
 """Admission: who is asking, may they, and where does it go. Every generation request enters here once.
 
 `admit` runs, in order: authenticate (401) → read the body under the size and upload-time limits (413/408)
-→ parse it (400) → check its shape (400 naming the field) → route (the pure router: 404 unknown model, 400
-too long, 429/503 no capacity) → the key's tier allowlist (403) and the tier's max_tokens cap (400) → the key's
-rate, tokens and budget (429, and the request is counted). It returns one `Admitted`, holding the `Ticket`
-that accounts the request when it ends; a refusal is accounted here. Checks that reject cost no engine time;
-a 401 never reads the body.
+→ parse it (400) → check its shape (400 naming the field) → for the Responses API, inline the conversation
+that `previous_response_id` continues (404 when the key has no such response) → route (the pure router: 404
+unknown model, 400 too long, 429/503 no capacity) → the key's tier allowlist (403) and the tier's max_tokens
+cap (400) → the key's rate, tokens and budget (429, and the request is counted). It returns one `Admitted`,
+holding the `Ticket` that accounts the request when it ends; a refusal is accounted here. Checks that reject
+cost no engine time; a 401 never reads the body.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.requests import Request
 
 from serving.config import AppConfig, Endpoint
 from serving.gateway.accounting import UNAUTHENTICATED, Accounting, Ticket
+from serving.gateway.conversations import Conversations
 from serving.gateway.limits import check_request, check_tier_cap, read_limited, tier_max_tokens
 from serving.gateway.router import Decision, RequestFacts, facts_from_body
 from serving.security.keys import KeyRecord, KeyStore, check_tier
@@ -35,7 +37,8 @@ class Admitted:
 
     key: KeyRecord
     endpoint: Endpoint
-    body: dict[str, Any]
+    body: dict[str, Any]  # what the backend gets (a Responses request: its conversation inlined)
+    received: dict[str, Any]  # the body as the client sent it
     stream: bool
     facts: RequestFacts
     decision: Decision
@@ -43,8 +46,12 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, config: AppConfig, keys: KeyStore, limiter: Limiter, accounting: Accounting) -> None:
+    def __init__(
+        self, config: AppConfig, keys: KeyStore, limiter: Limiter, accounting: Accounting,
+        conversations: Conversations | None = None,
+    ) -> None:
         self.config = config
+        self.conversations = conversations  # the Responses API's stored responses; None: previous ids unknown
         self.limits = config.limits
         self.keys = keys
         self.limiter = limiter
@@ -56,13 +63,17 @@ class Admission:
         key: KeyRecord | None = None
         tier: str | None = None
         try:
-            key = self.keys.authenticate(request.headers.get("authorization"))
-            body = await self.read_body(request)
-            check_request(endpoint, body, None, self.limits)
-            model = body.get("model")
+            key = self.keys.authenticate(credentials(request))
+            received = await self.read_body(request)
+            check_request(endpoint, received, None, self.limits)
+            model = received.get("model")
             if not isinstance(model, str):
                 why = "field required" if model is None else "must be a string"
                 raise APIError(400, f"model: {why}", param="model")
+            body = received
+            if endpoint == "responses" and self.conversations is not None:
+                # Before routing: the size of the whole conversation decides where it fits.
+                body = self.conversations.continue_request(key.id, received)
             facts = facts_from_body(endpoint, body, request.headers, self.config.routing,
                                     default_tier=key.default_tier, allowed=key.tiers)
             decision = route(facts)
@@ -70,19 +81,19 @@ class Admission:
             if decision.kind == "reject" or tier is None:
                 raise decision.error()
             check_tier(key, tier)
-            check_tier_cap(body, self.caps[tier])
+            check_tier_cap(body, self.caps[tier], endpoint)
             self.limiter.check(key)
         except APIError as exc:
             self.accounting.rejected(key.agent if key else UNAUTHENTICATED, tier, endpoint, exc.status)
             raise
         ticket = self.accounting.open(key, tier, endpoint)
-        return Admitted(key, endpoint, body, bool(body.get("stream")), facts, decision, ticket)
+        return Admitted(key, endpoint, body, received, bool(body.get("stream")), facts, decision, ticket)
 
     # -- the other routes: a key, and a body for the admin ones --------------------------------------------
 
     def authenticate(self, request: Request) -> KeyRecord:
         try:
-            return self.keys.authenticate(request.headers.get("authorization"))
+            return self.keys.authenticate(credentials(request))
         except APIError as exc:
             self.accounting.agent_answered(UNAUTHENTICATED, exc.status)
             raise
@@ -94,6 +105,15 @@ class Admission:
         """The JSON object of the body, read under the size and upload-time limits."""
         raw = await read_limited(request.stream(), self.limits, request.headers.get("content-length"))
         return parse_json_object(raw)
+
+
+def credentials(request: Request) -> str | None:
+    """The `Authorization` header, or Anthropic's `x-api-key` (what the Anthropic SDK and Claude Code send)
+    as a bearer token."""
+    header = request.headers.get("authorization")
+    if header is None and (api_key := request.headers.get("x-api-key")) is not None:
+        return f"Bearer {api_key}"
+    return header
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from serving.config import AppConfig, AutoRule, Endpoint, Provider, RoutingConfig
+from serving.config import ENDPOINTS, PROMPT_FIELD, AppConfig, AutoRule, Endpoint, Provider, RoutingConfig
 from serving.wire.errors import APIError, retry_after
 from serving.wire.items import ProviderState
 
@@ -99,7 +99,7 @@ class Decision:
 def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):  # OpenAI content parts
+    if isinstance(content, list):  # OpenAI content parts (chat, and the Responses API's input parts)
         return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
 
@@ -109,6 +109,52 @@ def _clip(text: str, limit: int) -> str:
         return text
     half = limit // 2  # code often sits at the end of a long message: keep both ends
     return text[:half] + "\n" + text[-half:]
+
+
+def _block_text(content: Any) -> tuple[str | None, int]:
+    """Anthropic content: (the text of its text blocks, None when it has none; characters of all its prompt text,
+    tool results' content included)."""
+    if isinstance(content, str):
+        return content, len(content)
+    if not isinstance(content, list):
+        return None, 0
+    texts: list[str] = []
+    chars = 0
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+            chars += len(block["text"])
+        elif block.get("type") == "tool_result":
+            chars += len(_content_text(block.get("content")))
+    return ("\n".join(texts) if texts else None), chars
+
+
+def _is_tokens(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _prompt_facts(prompt: Any) -> tuple[str, int, int]:
+    """A completion's prompt or an embeddings input: (its last text, characters of text, count of token ids)."""
+    if isinstance(prompt, str):
+        return prompt, len(prompt), 0
+    if not isinstance(prompt, list) or not prompt:
+        return "", 0, 0
+    if _is_tokens(prompt):  # one prompt as token ids
+        return "", 0, len(prompt)
+    strings = [p for p in prompt if isinstance(p, str)]
+    tokens = sum(len(p) for p in prompt if _is_tokens(p))
+    return (strings[-1] if strings else ""), sum(map(len, strings)), tokens
+
+
+# The output-token fields routing reads, first match wins.
+_MAX_TOKENS_KEYS: Mapping[str, tuple[str, ...]] = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "completion": ("max_completion_tokens", "max_tokens"),
+    "responses": ("max_output_tokens",),
+    "messages": ("max_tokens",),
+}
 
 
 def facts_from_body(
@@ -123,9 +169,12 @@ def facts_from_body(
 ) -> RequestFacts:
     """Extract routing facts from a parsed request body; tolerant of malformed fields (the tier validates)."""
     model = body.get("model")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = next((body[k] for k in _MAX_TOKENS_KEYS.get(endpoint, ()) if body.get(k) is not None), None)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        max_tokens = None
     chars = 0
-    messages = 0
+    messages = 0  # turns a chat template wraps (MESSAGE_OVERHEAD_TOKENS each)
+    exact = 0  # token ids: counted, not estimated
     text = ""
     if endpoint == "chat":
         msgs = body.get("messages")
@@ -138,24 +187,50 @@ def facts_from_body(
                 chars += len(content)
                 if m.get("role") == "user":
                     text = content
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            text, chars = prompt, len(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            prompt_tokens = len(prompt) if prompt_tokens is None else prompt_tokens  # token ids: exact
-        elif isinstance(prompt, list):
-            strings = [p for p in prompt if isinstance(p, str)]
-            chars = sum(map(len, strings))
-            text = strings[-1] if strings else ""
+    elif endpoint == "responses":
+        instructions = body.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            messages += 1
+            chars += len(instructions)
+        items = body.get("input")
+        if isinstance(items, str):
+            messages += 1
+            text, chars = items, chars + len(items)
+        elif isinstance(items, list):
+            for item in items:
+                if not isinstance(item, dict):
+                    continue
+                messages += 1
+                content = _content_text(item.get("content"))
+                # A tool's output and a call's arguments are prompt text too.
+                chars += len(content) + sum(len(_content_text(item.get(k))) for k in ("output", "arguments"))
+                if item.get("role") == "user":
+                    text = content
+    elif endpoint in ("messages", "count_tokens"):
+        chars = _block_text(body.get("system"))[1]
+        if chars:
+            messages += 1
+        msgs = body.get("messages")
+        if isinstance(msgs, list):
+            for m in msgs:
+                if not isinstance(m, dict):
+                    continue
+                messages += 1
+                words, size = _block_text(m.get("content"))
+                chars += size
+                # A user turn of tool results only is what chat sends as role "tool": not the user's words.
+                if m.get("role") == "user" and words is not None:
+                    text = words
+    else:  # completion, embeddings
+        text, chars, exact = _prompt_facts(body.get("input" if endpoint == "embeddings" else "prompt"))
     if prompt_tokens is None:
-        prompt_tokens = math.ceil(chars / routing.chars_per_token) + MESSAGE_OVERHEAD_TOKENS * messages
+        prompt_tokens = math.ceil(chars / routing.chars_per_token) + MESSAGE_OVERHEAD_TOKENS * messages + exact
     return RequestFacts(
         model=model if isinstance(model, str) else "",
         endpoint=endpoint,
         pinned=headers.get(routing.pin_header) or None,
         prompt_tokens=prompt_tokens,
-        max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
+        max_tokens=max_tokens,
         text=_clip(text, routing.scan_chars),
         default_tier=default_tier,
         allowed=frozenset(allowed) if allowed is not None else None,
@@ -233,6 +308,10 @@ class Router:
         self.providers: list[Provider] = sorted(config.providers, key=lambda p: p.priority)
         # Local tiers by window size: where an `auto` prompt too long for its tier goes next.
         self.by_context = sorted(config.tiers, key=lambda t: config.tiers[t].engine.max_model_len)
+        # The tiers that serve each endpoint (an embedding tier serves only embeddings, the others the rest).
+        self.serving: dict[str, tuple[str, ...]] = {
+            e: tuple(t for t, tier in config.tiers.items() if e in tier.endpoints) for e in ENDPOINTS
+        }
 
     # -- step 1: which tier ---------------------------------------------------------------------------
 
@@ -249,9 +328,12 @@ class Router:
             is_code: list[bool | None] = [None]
             lowered = facts.text.lower() if self.rules else ""
             allowed = facts.allowed
+            serving = self.serving[facts.endpoint]
             for rule in self.rules:
                 if allowed is not None and rule.tier not in allowed:
                     continue  # `auto` never picks a tier the caller's key may not use
+                if rule.tier not in serving:
+                    continue  # nor one that does not serve the endpoint (embeddings vs generation)
                 hit = rule.match(facts, lowered, is_code)
                 if hit:
                     return rule.tier, f"auto:{hit}->{rule.tier}", True, None
@@ -266,12 +348,14 @@ class Router:
         return tier, f"model:{tier}", False, None
 
     def _auto_default(self, facts: RequestFacts) -> str:
-        """The key's default tier, else the catalog's, else (the key may not use that) its first allowed tier."""
+        """The key's default tier, else the catalog's, else (the key may not use that) its first allowed tier;
+        always one that serves the endpoint when there is one."""
         allowed = facts.allowed
+        serving = self.serving[facts.endpoint] or tuple(self.tiers)
         for tier in (facts.default_tier, self.default_tier):
-            if tier in self.tiers and (allowed is None or tier in allowed):
+            if tier in serving and (allowed is None or tier in allowed):
                 return tier
-        return next((t for t in self.tiers if allowed is not None and t in allowed), self.default_tier)
+        return next((t for t in serving if allowed is None or t in allowed), serving[0])
 
     # -- step 2: where ------------------------------------------------------------------------------
 
@@ -284,6 +368,12 @@ class Router:
         tier, reason, auto, reject = self._requested(facts)
         if reject is not None or tier is None:
             return reject or Decision("reject", None, "no tier", status=400)
+        if tier not in self.serving[facts.endpoint]:
+            task = self.tiers[tier].task
+            serving = ", ".join(self.serving[facts.endpoint]) or "none"
+            msg = (f"tier {tier} ({'an embedding' if task == 'embed' else 'a generating'} model) does not serve "
+                   f"{facts.endpoint}; tiers that do: {serving}")
+            return Decision("reject", tier, msg, status=400, code="unsupported_endpoint", param="model")
         tiers = tiers or {}
         providers = providers or {}
         need = facts.prompt_tokens + (facts.max_tokens or 1)
@@ -296,7 +386,8 @@ class Router:
         if need > ctx:
             skipped.append((f"tier:{tier}", f"prompt ~{facts.prompt_tokens} tokens + output > max_model_len {ctx}"))
             blockers.append((400, None))
-            fits = [t for t in self.by_context if t != tier and self.tiers[t].engine.max_model_len >= need]
+            fits = [t for t in self.by_context if t != tier and self.tiers[t].engine.max_model_len >= need
+                    and t in self.serving[facts.endpoint]]
             local = fits[0] if auto and fits else None
             if local is not None:
                 reason += f";too-long->{local}"
@@ -371,8 +462,10 @@ class Router:
         self, p: Provider, tier: str, facts: RequestFacts, need: int, s: ProviderState
     ) -> tuple[str, tuple[int, float | None] | None] | None:
         """None when usable; else (why or '' to stay silent, blocker for the reject status)."""
-        if p.upstream_model(tier) is None or facts.endpoint not in p.endpoints:
-            return "", None  # not a candidate for this request at all: no noise in the reason
+        if p.upstream_model(tier) is None:
+            return "", None  # not a candidate for this tier at all: no noise in the reason
+        if facts.endpoint not in p.endpoints:
+            return f"does not speak {facts.endpoint}", None
         if not p.enabled:
             return "disabled", None
         if p.paid and not self.routing.allow_paid:
@@ -395,7 +488,7 @@ class Router:
     ) -> Decision:
         transient = [(status, retry) for status, retry in blockers if status in (429, 503)]
         if not transient:  # only size stood in the way: the same answer the engine would give
-            param = "messages" if facts.endpoint == "chat" else "prompt"
+            param = PROMPT_FIELD[facts.endpoint]
             msg = f"prompt of about {facts.prompt_tokens} tokens does not fit tier {tier} or any provider"
             return Decision(
                 "reject", tier, msg, skipped=tuple(skipped), status=400,

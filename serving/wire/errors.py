@@ -1,13 +1,17 @@
-"""One error envelope for HTTP bodies and in-stream SSE events: {"error": {message, type, param, code}}.
+"""One error envelope per protocol, for HTTP bodies and in-stream SSE events alike.
 
-`code` is a string, as OpenAI sends it (vLLM puts the HTTP status there as an int; we translate).
+Inside tierserve an error is an `APIError`, and an error `Result` body is OpenAI's envelope
+`{"error": {message, type, param, code}}` (`code` a string, as OpenAI sends it; vLLM puts the HTTP status
+there as an int, and we translate). At the HTTP edge it is rendered in the protocol of the route
+(`Protocol`): OpenAI's on the OpenAI routes, Anthropic's `{"type": "error", "error": {type, message}}` on
+/v1/messages, and the Responses API's `event: error` in a Responses stream.
 """
 
 from __future__ import annotations
 
 import math
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -67,6 +71,57 @@ class APIError(Exception):
 
     def sse(self) -> bytes:
         return b"data: " + self.json() + b"\n\n"
+
+    @classmethod
+    def from_body(cls, status: int, body: bytes) -> APIError:
+        """An error Result's body (our OpenAI envelope) back as an APIError, to render for another protocol."""
+        try:
+            error = orjson.loads(body)["error"]
+            return cls(status, str(error["message"]), param=error.get("param"), code=error.get("code"),
+                       type_=error.get("type"))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return cls(status, body.decode(errors="replace")[:500] or HTTPStatus(status).phrase)
+
+
+Protocol = Literal["openai", "anthropic", "responses"]
+
+
+def protocol_of(endpoint: str) -> Protocol:
+    if endpoint in ("messages", "count_tokens"):
+        return "anthropic"
+    return "responses" if endpoint == "responses" else "openai"
+
+
+# Anthropic's error `type` by status (docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_body(exc: APIError) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(exc.status, "api_error" if exc.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+def render_json(exc: APIError, protocol: Protocol) -> bytes:
+    """The HTTP body of an error on a route of `protocol` (the Responses API shares OpenAI's)."""
+    return orjson.dumps(anthropic_body(exc)) if protocol == "anthropic" else exc.json()
+
+
+def render_sse(exc: APIError, protocol: Protocol) -> bytes:
+    """An in-stream error event in the stream's own protocol."""
+    if protocol == "anthropic":
+        return b"event: error\ndata: " + orjson.dumps(anthropic_body(exc)) + b"\n\n"
+    if protocol == "responses":
+        event = {"type": "error", "code": exc.body()["error"]["code"], "message": exc.message, "param": exc.param}
+        return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+    return exc.sse()
 
 
 def retry_after(seconds: float) -> dict[str, str]:

@@ -7,16 +7,17 @@ from typing import Any
 
 DONE = b"data: [DONE]\n\n"
 DONE_TEXT = DONE.decode()
-_ERROR_PREFIX = 'data: {"error"'
-_ERROR_PREFIX_BYTES = _ERROR_PREFIX.encode()
+_ERROR_PREFIXES = ('data: {"error"', "event: error\n")  # ours and OpenAI's; Anthropic's and the Responses API's
+_ERROR_PREFIXES_BYTES = tuple(p.encode() for p in _ERROR_PREFIXES)
 _DONE_EVENT = DONE.rstrip()
 
 
 def is_error_event(event: bytes | str) -> bool:
-    """An in-stream error in OpenAI's shape (`data: {"error": ...}`), ours or an upstream's."""
+    """An in-stream error, ours or an upstream's: OpenAI's chat shape (`data: {"error": ...}`), or an
+    `event: error` (Anthropic Messages, the Responses API)."""
     if isinstance(event, bytes):
-        return event.startswith(_ERROR_PREFIX_BYTES)
-    return event.startswith(_ERROR_PREFIX)
+        return event.startswith(_ERROR_PREFIXES_BYTES)
+    return event.startswith(_ERROR_PREFIXES)
 
 
 def is_done(event: bytes) -> bool:

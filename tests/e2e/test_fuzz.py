@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.config import LimitsConfig
+from serving.config import ANTHROPIC_ENDPOINTS, LimitsConfig
 from serving.gateway.limits import allowed_params
 from tests.conftest import auth
 
@@ -27,6 +27,18 @@ TIMEOUT_S = 60  # any answer slower than this is a hang (the engine generates at
 CASES: Counter[str] = Counter()  # what ran, by kind and status, printed at the end
 REFERENCE = {"model": "fast", "messages": [{"role": "user", "content": "The reference request"}],
              "max_tokens": 8, "temperature": 0, "seed": 7}
+PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "responses": "/v1/responses",
+         "messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens", "embeddings": "/v1/embeddings"}
+# What a success holds per endpoint: a key of its JSON body, and what marks the end of its event stream (chat and
+# completions end with [DONE], the Responses API and Anthropic's with named events; the others don't stream).
+ANSWERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chat": ("choices", ("data: [DONE]",)),
+    "completion": ("choices", ("data: [DONE]",)),
+    "responses": ("output", ("response.completed", "response.incomplete", "response.failed")),
+    "messages": ("content", ("message_stop",)),
+    "count_tokens": ("input_tokens", ()),
+    "embeddings": ("data", ()),
+}
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
@@ -42,6 +54,9 @@ def mostly(valid: st.SearchStrategy[Any], hostile: st.SearchStrategy[Any]) -> st
 
 
 models = mostly(st.sampled_from(["fast", "auto", "tiny-fast", "small"]), st.sampled_from(["nope", ""]) | json_values)
+# The embedding tier's names; a generating tier's is a refusal there.
+embed_models = mostly(st.sampled_from(["embed", "tiny-embed", "auto"]),
+                      st.sampled_from(["nope", "", "fast"]) | json_values)
 small_max_tokens = mostly(st.integers(1, 6), st.sampled_from([-3, 0, 512, 513, 10**6, 2**63, 2**64]) | json_values)
 message = st.fixed_dictionaries(
     {"role": mostly(st.sampled_from(["user", "system", "assistant"]),
@@ -49,19 +64,53 @@ message = st.fixed_dictionaries(
      "content": mostly(st.text(max_size=60), json_values)},
     optional={"name": json_values, "tool_calls": json_values},
 )
+# A Responses API input item: mostly a message, sometimes a function call or its output.
+input_item = st.fixed_dictionaries(
+    {"role": mostly(st.sampled_from(["user", "system", "assistant", "developer"]), json_values),
+     "content": mostly(st.text(max_size=60) | st.lists(st.fixed_dictionaries(
+         {"type": st.just("input_text"), "text": st.text(max_size=30)}), min_size=1, max_size=2), json_values)},
+    optional={"type": mostly(st.just("message"), st.sampled_from(["function_call", "function_call_output"])
+                             | json_values),
+              "call_id": json_values, "output": json_values, "arguments": json_values},
+)
+# An Anthropic content block: mostly text, sometimes a tool use or result with any fields.
+block = st.fixed_dictionaries(
+    {"type": mostly(st.just("text"), st.sampled_from(["tool_use", "tool_result", "image", "bogus"]) | json_values),
+     "text": mostly(st.text(max_size=60), json_values)},
+    optional={"id": json_values, "name": json_values, "input": json_values, "tool_use_id": json_values,
+              "content": json_values},
+)
+anthropic_message = st.fixed_dictionaries(
+    {"role": mostly(st.sampled_from(["user", "assistant"]), st.sampled_from(["system", "tool", "bogus"]) | json_values),
+     "content": mostly(st.text(max_size=60) | st.lists(block, min_size=1, max_size=3), json_values)},
+)
+token_ids = st.lists(st.integers(0, 1000), min_size=1, max_size=6)
 
 
 def body_strategy(endpoint: str) -> st.SearchStrategy[dict[str, Any]]:
     """A request whose core fields are mostly well-formed, plus up to three of the parameters the server accepts
-    (OpenAI's and vLLM's names, or an unknown one) with any JSON value, so that cases reach the engine as well
-    as the validators. `max_tokens` is always present and mostly small, so valid cases stay quick."""
-    params = sorted(allowed_params(endpoint, LimitsConfig()) - {"model", "max_tokens", "messages", "prompt"})
-    required: dict[str, st.SearchStrategy[Any]] = {"model": models, "max_tokens": small_max_tokens}
+    (the public API's and vLLM's names, or an unknown one) with any JSON value, so that cases reach the engine as
+    well as the validators. The output-token field (`max_tokens`, the Responses API's `max_output_tokens`) is
+    always present where the endpoint has one and mostly small, so valid cases stay quick."""
+    required: dict[str, st.SearchStrategy[Any]] = {"model": embed_models if endpoint == "embeddings" else models}
+    if endpoint in ("chat", "completion", "messages"):
+        required["max_tokens"] = small_max_tokens
+    elif endpoint == "responses":
+        required["max_output_tokens"] = small_max_tokens
     if endpoint == "chat":
         required["messages"] = mostly(st.lists(message, min_size=1, max_size=3), json_values)
-    else:
+    elif endpoint == "completion":
         required["prompt"] = mostly(st.text(max_size=60) | st.lists(st.integers(0, 1000), min_size=1, max_size=6),
                                     st.lists(st.integers(-5, 40000), max_size=6) | json_values)
+    elif endpoint == "responses":
+        required["input"] = mostly(st.text(max_size=60) | st.lists(input_item, min_size=1, max_size=3), json_values)
+    elif endpoint in ANTHROPIC_ENDPOINTS:
+        required["messages"] = mostly(st.lists(anthropic_message, min_size=1, max_size=3), json_values)
+    else:
+        texts = st.text(min_size=1, max_size=60) | st.lists(st.text(max_size=30), min_size=1, max_size=3)
+        required["input"] = mostly(texts | token_ids | st.lists(token_ids, min_size=1, max_size=3),
+                                   st.lists(st.integers(-5, 40000), max_size=6) | json_values)
+    params = sorted(allowed_params(endpoint, LimitsConfig()) - set(required))
     extras = st.dictionaries(st.sampled_from([*params, "stream", "not_a_parameter"]), json_values, max_size=2)
     return st.tuples(st.fixed_dictionaries(required), extras).map(lambda pair: {**pair[1], **pair[0]})
 
@@ -86,17 +135,24 @@ def reference(http: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> I
     (tmp_path_factory.getbasetemp() / "fuzz-cases.txt").write_text(summary + "\n")  # kept with the run's files
 
 
-def check(r: httpx.Response, kind: str, case: str = "") -> None:
-    """The pass criterion for one case."""
+def check(r: httpx.Response, kind: str, case: str = "", endpoint: str = "chat") -> None:
+    """The pass criterion for one case, answered on `endpoint`'s route."""
     CASES[f"{kind}:{r.status_code}"] += 1
     assert r.status_code < 500, (case, r.status_code, r.text[:500])
+    key, stream_ends = ANSWERS[endpoint]
     if r.status_code >= 400:
         error = r.json()["error"]
-        assert isinstance(error["message"], str) and isinstance(error["code"], str), error
+        # OpenAI's envelope names a `code`; Anthropic's, on the Messages routes, only a `type`.
+        named = error.get("type") if endpoint in ANTHROPIC_ENDPOINTS else error.get("code")
+        assert isinstance(error["message"], str) and isinstance(named, str), error
     elif r.headers["content-type"].startswith("text/event-stream"):
-        assert r.text.rstrip().endswith("data: [DONE]") or '"error"' in r.text, r.text[-300:]
+        assert stream_ends, (case, "a stream from a route that doesn't stream")
+        if endpoint in ("chat", "completion"):
+            assert r.text.rstrip().endswith("data: [DONE]") or '"error"' in r.text, r.text[-300:]
+        else:  # the last event is named, and its data follows the name
+            assert any(end in r.text for end in stream_ends) or '"error"' in r.text, r.text[-300:]
     else:
-        assert "choices" in r.json()
+        assert key in r.json(), (case, r.text[:300])
 
 
 def post(http: httpx.Client, path: str, body: Any) -> httpx.Response:
@@ -118,6 +174,34 @@ def test_generated_completion_bodies(http: httpx.Client, reference: str, body: d
     check(post(http, "/v1/completions", body), "completion")
 
 
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=body_strategy("responses"))
+def test_generated_responses_bodies(http: httpx.Client, reference: str, body: dict[str, Any]) -> None:
+    check(post(http, "/v1/responses", body), "responses", endpoint="responses")
+
+
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=body_strategy("messages"))
+def test_generated_messages_bodies(http: httpx.Client, reference: str, body: dict[str, Any]) -> None:
+    check(post(http, "/v1/messages", body), "messages", endpoint="messages")
+
+
+@settings(max_examples=100, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=body_strategy("count_tokens"))
+def test_generated_count_tokens_bodies(http: httpx.Client, reference: str, body: dict[str, Any]) -> None:
+    check(post(http, "/v1/messages/count_tokens", body), "count_tokens", endpoint="count_tokens")
+
+
+@settings(max_examples=100, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=body_strategy("embeddings"))
+def test_generated_embeddings_bodies(http: httpx.Client, reference: str, body: dict[str, Any]) -> None:
+    check(post(http, "/v1/embeddings", body), "embeddings", endpoint="embeddings")
+
+
 @settings(max_examples=100, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
@@ -135,6 +219,24 @@ def test_every_parameter_with_every_wrong_type(http: httpx.Client, reference: st
     for name in sorted(allowed_params("chat", LimitsConfig())):
         for value in WRONG_TYPES:
             check(post(http, "/v1/chat/completions", {**base, name: value}), "wrong-type", f"{name}={value!r}")
+
+
+# A small valid body for each route after chat and completions.
+BASES: dict[str, dict[str, Any]] = {
+    "responses": {"model": "fast", "input": "hi", "max_output_tokens": 2},
+    "messages": {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "count_tokens": {"model": "fast", "messages": [{"role": "user", "content": "hi"}]},
+    "embeddings": {"model": "embed", "input": "hi"},
+}
+
+
+@pytest.mark.parametrize("endpoint", sorted(BASES))
+def test_every_parameter_with_every_wrong_type_on_the_other_routes(http: httpx.Client, reference: str,
+                                                                  endpoint: str) -> None:
+    for name in sorted(allowed_params(endpoint, LimitsConfig())):
+        for value in WRONG_TYPES:
+            check(post(http, PATHS[endpoint], {**BASES[endpoint], name: value}), f"wrong-type-{endpoint}",
+                  f"{name}={value!r}", endpoint)
 
 
 @pytest.mark.parametrize(("raw", "status", "words"), [
@@ -156,6 +258,17 @@ def test_malformed_bodies(http: httpx.Client, reference: str, raw: bytes, status
     assert words in r.text
 
 
+@pytest.mark.parametrize("endpoint", sorted(BASES))
+@pytest.mark.parametrize(("raw", "words"), [(b"{", "not valid JSON"), (b"[1, 2]", "JSON object"),
+                                            (b"null", "JSON object"), (b"\xff\xfe\x00{}", "not valid JSON")])
+def test_malformed_bodies_on_the_other_routes(http: httpx.Client, reference: str, endpoint: str, raw: bytes,
+                                              words: str) -> None:
+    r = http.post(PATHS[endpoint], content=raw, headers={"content-type": "application/json"})
+    check(r, "malformed", endpoint=endpoint)
+    assert r.status_code == 400, r.text
+    assert words in r.text
+
+
 def test_huge_numbers_of_things(http: httpx.Client, reference: str) -> None:
     base = {"model": "fast", "max_tokens": 2}
     cases = [
@@ -174,6 +287,48 @@ def test_huge_numbers_of_things(http: httpx.Client, reference: str) -> None:
         error = r.json()["error"]
         assert error["param"] == param, error
         assert code is None or error["code"] == code, error
+
+
+def test_huge_numbers_of_things_on_the_other_routes(http: httpx.Client, reference: str) -> None:
+    hi = [{"role": "user", "content": "hi"}]
+    responses = BASES["responses"]
+    messages = BASES["messages"]
+    cases = [
+        ("responses", {**responses, "input": [{"role": "user", "content": "x"}] * 10_000}, "input",
+         "array_above_max_length"),
+        ("responses", {**responses, "input": "x" * 300_000}, "input", "string_above_max_length"),
+        ("responses", {**responses, "input": [{"role": "user", "content": [{"type": "input_text",
+                                                                            "text": "x" * 300_000}]}]},
+         "input[0].content", "string_above_max_length"),
+        ("responses", {**responses, "instructions": "x" * 300_000}, "instructions", "string_above_max_length"),
+        ("responses", {**responses, "max_output_tokens": -1}, "max_output_tokens", None),
+        ("responses", {**responses, "max_output_tokens": 2**70}, "max_output_tokens", None),
+        ("responses", {**responses, "tools": [{"type": "function", "name": "f"}] * 1000}, "tools",
+         "array_above_max_length"),
+        ("responses", {**responses, "priority": -100}, "priority", None),
+        ("messages", {**messages, "messages": hi * 10_000}, "messages", "array_above_max_length"),
+        ("messages", {**messages, "messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 300_000}]}]},
+         "messages[0].content", "string_above_max_length"),
+        ("messages", {**messages, "system": "x" * 300_000}, "system", "string_above_max_length"),
+        ("messages", {"model": "fast", "messages": hi}, "max_tokens", None),  # Anthropic's API requires it
+        ("messages", {**messages, "max_tokens": 2**70}, "max_tokens", None),
+        ("messages", {**messages, "tools": [{"name": "f", "input_schema": {}}] * 1000}, "tools",
+         "array_above_max_length"),
+        ("count_tokens", {**BASES["count_tokens"], "messages": hi * 10_000}, "messages", "array_above_max_length"),
+        ("embeddings", {**BASES["embeddings"], "input": ["x"] * 10_000}, "input", "array_above_max_length"),
+        ("embeddings", {**BASES["embeddings"], "input": "x" * 300_000}, "input", "string_above_max_length"),
+        ("embeddings", {**BASES["embeddings"], "input": ["a", "x" * 300_000]}, "input[1]", "string_above_max_length"),
+        ("embeddings", {**BASES["embeddings"], "max_tokens": 2}, "max_tokens", "unknown_parameter"),
+    ]
+    for endpoint, body, param, code in cases:
+        r = post(http, PATHS[endpoint], body)
+        check(r, "huge", param, endpoint)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["message"].startswith(f"{param}: "), error
+        if endpoint not in ANTHROPIC_ENDPOINTS:  # Anthropic's envelope has neither `param` nor `code`
+            assert error["param"] == param, error
+            assert code is None or error["code"] == code, error
 
 
 def test_ten_megabyte_bodies_are_refused_without_being_read(http: httpx.Client, reference: str) -> None:

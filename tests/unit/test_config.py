@@ -31,7 +31,9 @@ def test_shipped_file_and_every_profile_validate(catalog: dict[str, Any]) -> Non
     assert validate_file(ROOT / "models.yaml") == []
     assert set(catalog["profiles"]) >= {"local", "gpu", "cluster"}
     local = load_config(ROOT / "models.yaml", "local")
-    assert set(local.tiers) == {"coder", "reasoning", "fast"}
+    assert set(local.tiers) == {"coder", "reasoning", "fast", "embed"}
+    assert local.tiers["embed"].task == "embed" and local.tiers["embed"].endpoints == ("embeddings",)
+    assert local.tiers["coder"].tool_call_parser == "hermes"  # the tiny models write hermes tool calls
     assert all(t.model.tiny_seed is not None and t.resources.gpus == 0 for t in local.tiers.values())
     gpu = load_config(ROOT / "models.yaml", "gpu")
     assert all(t.model.repo and t.resources.gpus > 0 for t in gpu.tiers.values())

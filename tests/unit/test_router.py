@@ -232,6 +232,65 @@ def test_facts_from_messy_bodies() -> None:
     assert len(long.text) <= routing.scan_chars + 1 and long.text.startswith("a") and long.text.endswith("b")
 
 
+def test_facts_from_a_responses_body() -> None:
+    routing = config().routing  # 4 characters a token, 4 tokens a message
+    body = {"model": "auto", "max_output_tokens": 32, "instructions": "i" * 8, "input": [
+        {"role": "user", "content": "older"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "plan ```"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "o" * 6},
+        7,
+    ]}
+    f = facts_from_body("responses", body, {}, routing)
+    assert (f.endpoint, f.text, f.max_tokens) == ("responses", "plan ```", 32)
+    assert f.prompt_tokens == 8 + 4 * 5  # (8 + 5 + 8 + 2 + 6) / 4 characters, rounded up; instructions, 4 items
+    text = facts_from_body("responses", {"model": "fast", "input": "a" * 8, "max_tokens": 5}, {}, routing)
+    assert (text.text, text.prompt_tokens, text.max_tokens) == ("a" * 8, 2 + 4, None)  # max_tokens isn't its field
+
+
+def test_facts_from_an_anthropic_body() -> None:
+    routing = config().routing
+    body = {"model": "auto", "max_tokens": 64, "system": [{"type": "text", "text": "s" * 12}], "messages": [
+        {"role": "user", "content": "refactor this"},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"},
+                                          {"type": "tool_use", "id": "t1", "name": "read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "x" * 20}]},
+        {"role": "user", "content": None},
+        "junk",
+    ]}
+    f = facts_from_body("messages", body, {}, routing)
+    # The last user words: a turn of tool results only is the counterpart of chat's role "tool".
+    assert (f.endpoint, f.text, f.max_tokens) == ("messages", "refactor this", 64)
+    assert f.prompt_tokens == 12 + 4 * 5  # (12 + 13 + 2 + 20) / 4 characters, rounded up; system, 4 turns
+    counted = facts_from_body("count_tokens", {**body, "max_tokens": None}, {}, routing)
+    assert (counted.text, counted.prompt_tokens, counted.max_tokens) == ("refactor this", f.prompt_tokens, None)
+    blocks = [{"type": "text", "text": "a"}, {"type": "image", "source": {}}, {"type": "text", "text": "b"}]
+    assert facts_from_body("messages", {"messages": [{"role": "user", "content": blocks}]}, {}, routing).text == "a\nb"
+
+
+def test_facts_from_embeddings_bodies() -> None:
+    routing = config().routing
+    f = facts_from_body("embeddings", {"model": "embed", "input": ["first", "second text"]}, {}, routing)
+    assert (f.endpoint, f.text, f.prompt_tokens, f.max_tokens) == ("embeddings", "second text", 4, None)
+    assert facts_from_body("embeddings", {"input": "abcdefgh"}, {}, routing).prompt_tokens == 2
+    assert facts_from_body("embeddings", {"input": [5, 6, 7]}, {}, routing).prompt_tokens == 3  # token ids: exact
+    assert facts_from_body("embeddings", {"input": [[1, 2], [3]]}, {}, routing).prompt_tokens == 3
+    assert facts_from_body("completion", {"prompt": [[1, 2], [3], "abcd"]}, {}, routing).prompt_tokens == 4
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completion", "responses", "messages", "count_tokens", "embeddings"])
+def test_facts_never_raise_on_malformed_fields(endpoint: str) -> None:
+    routing = config().routing
+    junk: list[Any] = [None, True, 3, -1.5, "s", [], {}, [None, 1, "x", [True]], {"type": "text", "text": 5},
+                       [{"role": "user", "content": [{"type": "text", "text": None}, {"type": "tool_result",
+                                                                                      "content": 7}, 9]}]]
+    for value in junk:
+        body = {name: value for name in ("model", "messages", "prompt", "input", "instructions", "system",
+                                         "max_tokens", "max_output_tokens", "max_completion_tokens")}
+        f = facts_from_body(endpoint, body, {}, routing)
+        assert f.prompt_tokens >= 0 and isinstance(f.text, str) and f.max_tokens in (None, 3)
+
+
 def test_looks_like_code() -> None:
     assert looks_like_code("import os\nprint(os.getcwd())\nx = {\n}")
     assert not looks_like_code("The meeting is at 3pm; bring notes. What does return mean here?")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from serving.backends.tier import DONE, Usage, _coalesced
+from serving.backends.tier import Usage, _coalesced
+from serving.wire.sse import DONE
 
 
 async def _source(items: list[bytes | Usage], closed: list[bool]) -> AsyncIterator[bytes | Usage]:

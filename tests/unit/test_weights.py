@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from serving.backends.tinymodel import GENERATOR_VERSION
 from serving.backends.weights import WeightsError, resolve
 from serving.config import ModelSource
 
@@ -57,5 +58,5 @@ def test_local_path_must_be_a_model_directory(tmp_path: Path) -> None:
 
 def test_tiny_model_is_generated_into_the_cache(tmp_path: Path) -> None:
     path = resolve(ModelSource(tiny_seed=4), tmp_path)
-    assert path == tmp_path / "models" / "tiny-v2-seed4"
+    assert path == tmp_path / "models" / f"tiny-v{GENERATOR_VERSION}-seed4"
     assert (path / "config.json").is_file()
