@@ -165,6 +165,9 @@ class Tier(Strict):
     # vLLM's tool-call parser for this model (`hermes` for Qwen2.5 and the tiny models); setting it turns on
     # tool_choice "auto". None: only tool_choice "none", "required" and a named function work.
     tool_call_parser: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    # How far vLLM's grammar constrains tool calls (its --tool-strict-level): `auto` as each tool's own `strict`
+    # says; `function` the call's envelope always; `parameter` the arguments to each tool's schema as well.
+    tool_strict_level: Literal["auto", "function", "parameter"] = "auto"
     # vLLM's reasoning parser (e.g. `deepseek_r1`, `qwen3`): thinking is returned apart from the answer.
     reasoning_parser: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     # A Jinja chat template file (relative to models.yaml) instead of the one that comes with the model.
@@ -424,7 +427,8 @@ KIND_ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
 
 
 class Provider(Strict):
-    """An OpenAI-compatible upstream used as fallback; `base_url` ends where `/chat/completions` is appended."""
+    """An upstream used as fallback; `base_url` ends where each endpoint's path (`/chat/completions`,
+    `/messages`, ...) is appended."""
 
     name: Annotated[str, Field(pattern=TIER_NAME)]
     # The API it speaks: OpenAI's for every kind, except `anthropic`, whose Messages endpoints are native.

@@ -59,7 +59,9 @@ TEST_OVERLAY = {
         "fast": {"resources": {"cpus": 0.25},
                  "replicas": {"min": 1, "max": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
                               "downscale_delay_s": 15}},
+        # A reasoning parser: its answers' thinking comes back apart (tests/e2e/test_agent_protocols.py).
         "spare": {"served_name": "tiny-spare", "aliases": ["cold"], "model": {"tiny_seed": 4},
+                  "reasoning_parser": "deepseek_r1",
                   "engine": {"max_model_len": 512, "dtype": "float32", "enforce_eager": True, "max_num_seqs": 32},
                   "resources": {"gpus": 0, "cpus": 0.25, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
                   "replicas": {"min": 0, "max": 1, "initial": 0, "target_ongoing_requests": 1,
@@ -69,7 +71,7 @@ TEST_OVERLAY = {
 
 
 UPSTREAM_MODEL = "up"  # what the bare vLLM upstream calls its model
-BARE_TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+BARE_TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--tool-strict-level", "parameter")
 
 
 def provider_overlay(peer_url: str, metered_url: str, paid_url: str) -> dict:
@@ -257,7 +259,8 @@ def create_key(env: dict[str, str], config: Path, *options: str) -> str:
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float, key: str) -> float:
-    """Ready = every tier has generated a token through the ingress (not merely: the process is up)."""
+    """Ready = every tier has generated a token (or an embedding) through the ingress (not merely: the process
+    is up)."""
     start = time.monotonic()
     pending = set(TIERS)
     with httpx.Client(base_url=base, timeout=30, headers=auth(key)) as client:
@@ -268,7 +271,10 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float, key: str) ->
                 raise TimeoutError(f"tiers not ready after {timeout_s}s: {sorted(pending)}")
             for tier in sorted(pending):
                 try:
-                    r = client.post("/v1/completions", json={"model": tier, "prompt": "hi", "max_tokens": 1})
+                    if tier == "embed":  # an embedding tier: one embedding is its proof
+                        r = client.post("/v1/embeddings", json={"model": tier, "input": "hi"})
+                    else:
+                        r = client.post("/v1/completions", json={"model": tier, "prompt": "hi", "max_tokens": 1})
                 except httpx.HTTPError:
                     continue
                 if r.status_code == 200 and r.headers.get("x-tierserve-provider") == "local":

@@ -56,6 +56,8 @@ def engine_args(tier: Tier, model_path: Path) -> Any:
         # Worker processes, not Ray actors: the replica's own actor already holds the tier's resources.
         distributed_executor_backend="mp",
         disable_log_stats=False,
+        # The engine's grammar must know where the thinking ends, as the serving classes do.
+        reasoning_parser=tier.reasoning_parser or "",
         **_task_args(tier),
         **e.extra,
     )
@@ -157,18 +159,18 @@ class TierServer:
         return result
 
     def _check_tools(self, endpoint: str, body: dict[str, Any]) -> None:
-        """tool_choice "auto" needs the tier's tool-call parser: say which setting, not vLLM's CLI flags."""
+        """Calling tools needs the tier's tool-call parser: say which setting, not vLLM's CLI flags."""
         if self.tier.tool_call_parser is not None or not body.get("tools"):
             return
         choice = body.get("tool_choice")
-        auto = choice in (None, "auto") or (isinstance(choice, dict) and choice.get("type") == "auto")
-        if auto:
-            raise APIError(
-                400,
-                f"tool_choice: \"auto\" (the default when tools are given) needs a tool-call parser, and tier "
-                f"{self.tier_name} has none: set tiers.{self.tier_name}.tool_call_parser in models.yaml, or send "
-                "tool_choice \"none\", \"required\" or a named function",
-                param="tool_choice", code="tool_choice_unsupported")
+        if choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none"):
+            return  # tools listed but never called: the template renders them, nothing is parsed
+        raise APIError(
+            400,
+            f"tool_choice: calling tools (tool_choice {'auto' if choice is None else choice!r}; \"auto\" is the "
+            f"default when tools are given) needs a tool-call parser, and tier {self.tier_name} has none: set "
+            f"tiers.{self.tier_name}.tool_call_parser in models.yaml, or send tool_choice \"none\"",
+            param="tool_choice", code="tool_choice_unsupported")
 
     def _map_exception(self, exc: Exception) -> APIError:
         """vLLM's own exception -> status mapping (validation 400, not found 404, engine 5xx)."""
@@ -465,22 +467,19 @@ def _generate_routes(engine: Any, models: Any, tier: Tier) -> dict[str, Route]:
     from vllm.renderers.online_renderer import OnlineRenderer
 
     template = load_chat_template(tier.chat_template) if tier.chat_template else None
-    renderer = OnlineRenderer(
-        model_config=engine.model_config,
-        renderer=engine.renderer,
-        request_logger=None,
-        chat_template=template,
-        chat_template_content_format="auto",
-    )
-    chat_like: dict[str, Any] = {
-        "online_renderer": renderer,
-        "request_logger": None,
-        "chat_template": template,
-        "chat_template_content_format": "auto",
+    # The renderer checks tool_choice and parses tool calls and reasoning: it gets the parsers as well.
+    parsers: dict[str, Any] = {
         "enable_auto_tools": tier.tool_call_parser is not None,
         "tool_parser": tier.tool_call_parser,
         "reasoning_parser": tier.reasoning_parser or "",
+        "tool_strict_level": tier.tool_strict_level,
     }
+    templating: dict[str, Any] = {"request_logger": None, "chat_template": template,
+                                  "chat_template_content_format": "auto"}
+    renderer = OnlineRenderer(model_config=engine.model_config, renderer=engine.renderer, **templating,
+                              **parsers)
+    renderer.warmup()
+    chat_like: dict[str, Any] = {"online_renderer": renderer, **templating, **parsers}
     chat = OpenAIServingChat(engine, models, "assistant", **chat_like)
     completion = OpenAIServingCompletion(engine, models, online_renderer=renderer, request_logger=None)
     # The gateway keeps stored responses itself (per key, across replicas): vLLM's store stays off.

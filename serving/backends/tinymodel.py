@@ -19,11 +19,12 @@ from typing import Any
 
 VOCAB_SIZE = 512  # an upper bound: the trained vocabulary may come out a few tokens smaller
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-# Whole tokens, as in Qwen2.5, so that a call costs a model one token per tag. Not special: a detokenizer
-# that skips special tokens must keep them, or vLLM's hermes tool parser never sees the tags.
-TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+# Whole tokens, as in Qwen2.5 and Qwen3, so that a call costs a model one token per tag. Not special: a
+# detokenizer that skips special tokens must keep them, or vLLM's hermes tool parser never sees the tags.
+# The thinking tags are there for vLLM's reasoning parsers, which refuse a tokenizer without them.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 MARKER = "tierserve-tiny.json"  # written last: a directory without it is incomplete
-GENERATOR_VERSION = 3  # part of the cache path: a changed recipe never reuses an old model
+GENERATOR_VERSION = 4  # part of the cache path: a changed recipe never reuses an old model
 
 # Plain turns render as `<|role|>\ntext\n`. Tools follow Qwen2.5's hermes format, which vLLM's `hermes` tool
 # parser reads back: the tool list in the system turn, calls as <tool_call> JSON, results as <tool_response>

@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import sqlite3
-import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from serving.ops.statedb import open_state_db
 from serving.wire.errors import APIError
 
 DEFAULT_TTL_S = 30 * 86400.0  # OpenAI keeps stored responses for 30 days
@@ -95,15 +94,7 @@ class ResponseStore:
         self.clock = clock  # wall clock (unix seconds): expiry outlives restarts
         self.ttl_s = ttl_s
         self.max_per_owner = max_per_owner
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection, used from the event loop thread and maybe asyncio.to_thread: serialise with a lock.
-        self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=5)
-        self.lock = threading.Lock()
-        with self.lock:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: no fsync per response; a power cut may lose the last few saved.
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+        self.db, self.lock = open_state_db(self.path, SCHEMA)
 
     def close(self) -> None:
         with self.lock:

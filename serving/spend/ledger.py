@@ -12,8 +12,6 @@ spend within that delay. Concurrent requests can overshoot a budget by what is i
 from __future__ import annotations
 
 import calendar
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from serving.config import Provider
+from serving.ops.statedb import open_state_db
 from serving.spend.pricing import provider_cost
 
 Kind = Literal["provider", "key"]  # a provider's spend (its budgets), or an API key's (serving/security/quotas.py)
@@ -89,15 +88,7 @@ class Budget:
         self.providers = {p.name: p for p in providers}
         self.clock = clock  # wall clock (unix seconds): periods are calendar days/months
         self.cache_s = cache_s
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection, used from the event loop thread and maybe a threadpool: serialise with a lock.
-        self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=5)
-        self.lock = threading.Lock()
-        with self.lock:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: no fsync per request on the event loop; a power cut may lose the last few records.
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+        self.db, self.lock = open_state_db(self.path, SCHEMA)
         self._cache: dict[tuple[Kind, str, str], tuple[float, Totals]] = {}
 
     @classmethod

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving.config import ANTHROPIC_ENDPOINTS, LimitsConfig
-from serving.gateway.limits import allowed_params
+from serving.gateway.params import allowed_params
 from tests.conftest import auth
 
 TIMEOUT_S = 60  # any answer slower than this is a hang (the engine generates at most a few tokens here)

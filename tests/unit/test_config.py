@@ -123,6 +123,28 @@ def test_relative_model_path_resolves_against_the_file(tmp_path: Path) -> None:
     assert config.tiers["fast"].model.path == str(tmp_path / "weights" / "f")
 
 
+def test_a_chat_template_resolves_against_the_file_and_must_exist(tmp_path: Path) -> None:
+    yaml_text = ("tiers:\n  fast:\n    served_name: f\n    model: {tiny_seed: 1}\n"
+                 "    tool_call_parser: hermes\n    chat_template: templates/NAME\n")
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "chat.jinja").write_text("{{ messages }}")
+    (tmp_path / "m.yaml").write_text(yaml_text.replace("NAME", "chat.jinja"))
+    tier = load_config(tmp_path / "m.yaml").tiers["fast"]
+    assert tier.chat_template == str(tmp_path / "templates" / "chat.jinja") and tier.tool_call_parser == "hermes"
+    (tmp_path / "m.yaml").write_text(yaml_text.replace("NAME", "missing.jinja"))
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "m.yaml")
+    assert err.value.problems == [f"tiers.fast.chat_template: no such file: {tmp_path / 'templates' / 'missing.jinja'}"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("tool_call_parser", "her mes"), ("reasoning_parser", "a/b"),
+                                              ("task", "chat")])
+def test_agent_settings_are_checked_at_load(field: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"tiers": {"fast": {"served_name": "f", "model": {"tiny_seed": 1}, field: value}}}, None)
+    assert err.value.problems[0].startswith(f"tiers.fast.{field}: ")
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, cwd=ROOT)
 

@@ -167,6 +167,24 @@ print(json.dumps({{"called": info.tools_called, "content": info.content,
     assert result["format"] == "string"
 
 
+def test_vllms_reasoning_parser_accepts_the_tokenizer_and_splits_thinking_from_the_answer(model_dir: Path) -> None:
+    code = f"""
+import json
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.reasoning import ReasoningParserManager
+from vllm.tokenizers import get_tokenizer
+
+tok = get_tokenizer({str(model_dir)!r})
+parser = ReasoningParserManager.get_reasoning_parser("deepseek_r1")(tok)
+request = ChatCompletionRequest(model="tiny", messages=[{{"role": "user", "content": "hi"}}])
+print(json.dumps({{"split": [parser.extract_reasoning("weigh it</think>yes", request),
+                            parser.extract_reasoning("still thinking", request)]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert last_json(out.stdout)["split"] == [["weigh it", "yes"], ["still thinking", None]]
+
+
 def test_existing_model_is_reused_not_rewritten(tmp_path: Path) -> None:
     path = make_tiny_model(tmp_path / "m", seed=1)
     stamp = (path / "model.safetensors").stat().st_mtime_ns
