@@ -180,3 +180,11 @@ def test_embedded_tier_must_exist_and_have_a_fixed_replica_count(catalog: dict[s
     assert "min = max = ingress.replicas (1), not min 0, max 2" in problem
     data["tiers"]["fast"]["replicas"] = {"min": 1, "max": 1}
     assert build_config(data, None).ingress.embed_tier == "fast"
+
+
+def test_the_local_profile_fits_a_two_core_machine() -> None:
+    # Ray places a replica only where its CPUs are free: on a 2-core machine (the README's), one tier too many
+    # leaves a replica (the ingress, say) pending for ever and the app never answers.
+    local = load_config(ROOT / "models.yaml", "local")
+    total = local.ingress.cpus + sum(tier.resources.cpus * tier.replicas.max for tier in local.tiers.values())
+    assert total <= 2.0, total
