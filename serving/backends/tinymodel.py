@@ -24,7 +24,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 # The thinking tags are there for vLLM's reasoning parsers, which refuse a tokenizer without them.
 TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 MARKER = "tierserve-tiny.json"  # written last: a directory without it is incomplete
-GENERATOR_VERSION = 4  # part of the cache path: a changed recipe never reuses an old model
+GENERATOR_VERSION = 6  # part of the cache path: a changed recipe never reuses an old model
 
 # Plain turns render as `<|role|>\ntext\n`. Tools follow Qwen2.5's hermes format, which vLLM's `hermes` tool
 # parser reads back: the tool list in the system turn, calls as <tool_call> JSON, results as <tool_response>
@@ -166,6 +166,24 @@ def _sentence_transformers_layout(out: Path, hidden_size: int) -> None:
     (out / "2_Normalize").mkdir()
 
 
+def _never_write(model: Any, token_ids: list[int]) -> None:
+    """Random weights may pick a token a detokenizer drops (`<pad>`, `<unk>`, `<s>`, a lone byte of a
+    multi-byte character): a response of only those reads as empty. Hidden dimension 0 is made a constant
+    (1 in every embedding, and no layer writes to it), so after the final norm it is always positive; the lm
+    head reads it with a large negative weight for those tokens only and a zero weight for every other one.
+    EOS keeps its chance."""
+    import torch
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+        model.lm_head.weight[:, 0] = 0.0
+        for token in token_ids:
+            model.lm_head.weight[token, 0] = -10.0
+
+
 def _write(out: Path, seed: int, embedding: bool) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
@@ -195,7 +213,13 @@ def _write(out: Path, seed: int, embedding: bool) -> None:
         LlamaModel(config).save_pretrained(out, safe_serialization=True)
         _sentence_transformers_layout(out, config.hidden_size)
     else:
-        LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+        model = LlamaForCausalLM(config)
+        # Special tokens but EOS, and the lone bytes of multi-byte characters: a detokenizer shows neither.
+        unseen = [fast.unk_token_id, fast.bos_token_id, fast.pad_token_id]
+        unseen += [i for i in range(len(fast)) if i not in unseen and i != fast.eos_token_id
+                   and (not (text := fast.decode([i])) or "\ufffd" in text)]
+        _never_write(model, unseen)
+        model.save_pretrained(out, safe_serialization=True)
     marker = _recipe(seed, embedding) | {"version": GENERATOR_VERSION, "vocab_size": len(fast)}
     (out / MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n")
 
