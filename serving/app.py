@@ -40,9 +40,11 @@ def find_config(path: str) -> Path:
     return REPO_ROOT / candidate
 
 
-# Engines load weights and compile: give them time before Serve's health checks count, and to drain.
+# Engines load weights and compile: give them time before Serve's health checks count, and to drain. Checked
+# often: the controller learns of a dead replica at its next check, and until then a request it holds for that
+# replica has no failure to report (the ingress ejects the tier once the controller counts no running replica).
 ENGINE_REPLICA_OPTIONS: dict[str, Any] = {
-    "health_check_period_s": 10, "health_check_timeout_s": 60, "graceful_shutdown_timeout_s": 30,
+    "health_check_period_s": 2, "health_check_timeout_s": 60, "graceful_shutdown_timeout_s": 30,
 }
 
 

@@ -222,7 +222,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             tiers = [t.strip() for t in args.tiers.split(",") if t.strip()] if args.tiers is not None else None
             fields = {"agent": args.agent, "tiers": tiers, "rpm": args.rpm, "tpm": args.tpm,
                       "budget_usd": args.budget_usd, "budget_period": args.budget_period,
-                      "default_tier": args.default_tier}
+                      "default_tier": args.default_tier, "priority": args.priority}
             try:
                 spec = KeySpec.model_validate(fields)
             except ValidationError as exc:
@@ -266,15 +266,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([k.public() for k in keys], indent=2))
             return 0
-        header = ("ID", "AGENT", "TIERS", "DEFAULT", "RPM", "TPM", "BUDGET", "CREATED", "REVOKED")
+        header = ("ID", "AGENT", "TIERS", "DEFAULT", "PRIORITY", "RPM", "TPM", "BUDGET", "CREATED", "REVOKED")
         rows: list[tuple[str, ...]] = [header]
         for k in keys:
             when = [datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M") if t else "-"
                     for t in (k.created_at, k.revoked_at)]
             budget = f"${k.budget_usd:g}/{k.budget_period}" if k.budget_usd is not None else "-"
             allowed = "ADMIN" if k.admin else ",".join(k.tiers) if k.tiers is not None else "all"
-            rows.append((k.id, k.agent, allowed, _fmt_limit(k.default_tier), _fmt_limit(k.rpm), _fmt_limit(k.tpm),
-                         budget, *when))
+            rows.append((k.id, k.agent, allowed, _fmt_limit(k.default_tier), k.priority, _fmt_limit(k.rpm),
+                         _fmt_limit(k.tpm), budget, *when))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -452,6 +452,8 @@ def _positive_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from serving.security.keys import PRIORITY_VALUE
+
     settings = Settings()
     p = argparse.ArgumentParser(prog="tierserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -519,6 +521,8 @@ def parser() -> argparse.ArgumentParser:
     kc.add_argument("--budget-usd", type=float, help="spend limit per --budget-period")
     kc.add_argument("--budget-period", choices=["day", "month"], default="month")
     kc.add_argument("--default-tier", help="the tier `model: auto` falls back to for this agent")
+    kc.add_argument("--priority", choices=list(PRIORITY_VALUE), default="standard",
+                    help="the key's place in the tiers' engine queues: interactive first, batch last")
     kc.add_argument("--admin", action="store_true", help="an admin key (admin routes only, not /v1/*)")
     kl = ks.add_parser("list", help="list keys (never their secrets)")
     kl.add_argument("--all", action="store_true", help="include revoked keys")

@@ -79,9 +79,20 @@ class EngineArgs(Strict):
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
     tensor_parallel_size: Annotated[int, Field(gt=0)] = 1
     max_num_seqs: Annotated[int, Field(gt=0)] = 256
+    # vLLM's scheduler: `priority` serves waiting requests by their key's class (interactive, standard, batch),
+    # then arrival; with every key in one class that is FCFS. `fcfs` turns the classes off for this tier.
+    scheduling_policy: Literal["priority", "fcfs"] = "priority"
     enforce_eager: bool = False
     seed: int = 0
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _extra_not_typed(self) -> EngineArgs:
+        # Both would reach AsyncEngineArgs as the same keyword: a TypeError at engine start, not at validation.
+        typed = sorted(set(self.extra) & set(type(self).model_fields))
+        if typed:
+            raise ValueError(f"extra must not repeat engine settings ({', '.join(typed)}): set them under engine")
+        return self
 
 
 class Resources(Strict):
@@ -506,16 +517,30 @@ class BreakerConfig(Strict):
     probe_timeout_s: Annotated[float, Field(gt=0)] = 120  # a probe that never reports frees its slot after this
 
 
+class EjectionConfig(Strict):
+    """Tier outlier ejection (serving/gateway/ejection.py): a tier whose replica died leaves routing at once."""
+
+    enabled: bool = True
+    consecutive_failures: Annotated[int, Field(gt=0)] = 3  # replica-gone failures in a row that eject the tier
+    # A tier's first byte this late makes the ingress re-read the controller's replica states: no RUNNING
+    # replica ejects the tier, and the waiting requests go elsewhere instead of waiting for a replacement.
+    first_byte_check_s: Annotated[float, Field(gt=0)] = 1.0
+    probe_timeout_s: Annotated[float, Field(gt=0)] = 5.0  # an ejected tier's probe; one per tier at a time
+
+
 class RoutingConfig(Strict):
     default_tier: str = "fast"  # `auto` when no rule matches (first tier if this one is not configured)
     rules: list[AutoRule] = Field(default_factory=list)
     pin_header: Annotated[str, Field(pattern=r"^[a-z0-9-]+$")] = "x-tierserve-tier"
     allow_paid: bool = False  # zero-budget mode: paid providers are never contacted
+    # Requests of `batch` keys may go to paid providers; by default they wait in their tier's queue instead.
+    batch_spills_to_paid: bool = False
     chars_per_token: Annotated[float, Field(gt=0)] = 4.0  # prompt size estimate when no count is given
     scan_chars: Annotated[int, Field(gt=0)] = 8192  # rules read this much of the last user message (both ends)
     retry_after_s: Annotated[int, Field(gt=0)] = 2  # Retry-After of a 429 (saturated)
     unavailable_retry_after_s: Annotated[int, Field(gt=0)] = 10  # Retry-After of a 503 (no replica, cold)
     breaker: BreakerConfig = BreakerConfig()
+    ejection: EjectionConfig = EjectionConfig()
 
 
 class OverflowPolicy(Strict):

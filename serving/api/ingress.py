@@ -34,6 +34,7 @@ from serving.gateway.admission import Admission
 from serving.gateway.conversations import Conversations, ResponseStore
 from serving.gateway.dispatch import Dispatcher
 from serving.gateway.dispatch import Request as Dispatch
+from serving.gateway.ejection import Ejector
 from serving.gateway.fleet import Fleet, ListCollector
 from serving.gateway.readiness import ReadinessProber
 from serving.gateway.router import Candidate, Decision, RequestFacts, Router
@@ -41,7 +42,7 @@ from serving.gateway.warmup import keep_warm_loop, parse_window
 from serving.ops.gpu import SnapshotCollector
 from serving.ops.metrics import AgentMetrics, RequestMetrics
 from serving.ops.tracing import Tracing
-from serving.security.keys import KeySpec, KeyStore, KeyStoreError, usage_db_path
+from serving.security.keys import PRIORITY_VALUE, KeySpec, KeyStore, KeyStoreError, usage_db_path
 from serving.security.quotas import Limiter
 from serving.security.redaction import auth_disabled_warning, redact_replica_logs
 from serving.spend.ledger import Budget
@@ -124,7 +125,9 @@ class Ingress:
         self.registry = CollectorRegistry()  # per ingress, no process-global state
         self.metrics = RequestMetrics(self.registry)
         self.router = Router(config)
-        self.fleet = Fleet(config, backends, _app_name(), local)
+        self.ejector = Ejector(config.tiers, threshold=config.routing.ejection.consecutive_failures,
+                               on_change=self._ejection_changed)
+        self.fleet = Fleet(config, backends, _app_name(), local, self.ejector)
         self.keys = KeyStore.from_config(config, Path(state_dir), auth_settings)
         self.limiter = Limiter(ledger=Budget(usage_db_path(config.auth, Path(state_dir)), config.providers))
         accounting = Accounting(config.tiers, self.metrics, AgentMetrics(self.registry), self.limiter)
@@ -132,7 +135,8 @@ class Ingress:
             "responses.db")))
         self.admission = Admission(config, self.keys, self.limiter, accounting, self.conversations)
         self.dispatcher = Dispatcher(config, backends, HandleBackend(fallback) if fallback is not None else None,
-                                     attempted=self._attempted)
+                                     attempted=self._attempted, ejector=self.ejector,
+                                     late_first_byte=self.fleet.first_byte_late)
         if warning := auth_disabled_warning(config):
             log.warning(warning)
 
@@ -227,7 +231,7 @@ class Ingress:
                 log.info("request agent=%s tier=%s body=%s", admitted.key.agent, decision.tier,
                          orjson.dumps(admitted.body).decode())
             call = Dispatch(endpoint, admitted.body, admitted.stream, admitted.facts.prompt_tokens,
-                            self.tracing.carrier())
+                            self.tracing.carrier(), PRIORITY_VALUE[admitted.key.priority])
             answer = await self.dispatcher.dispatch(decision, call, admitted.ticket)
             keep = endpoint == "responses"  # the Responses API's own state: the caller's stored responses
             owner = admitted.key.id
@@ -257,6 +261,14 @@ class Ingress:
         elif failed:
             self.fleet.refresh_soon(replicas=True)
 
+    def _ejection_changed(self, tier: str, reason: str | None) -> None:
+        if reason is not None:
+            self.metrics.tier_ejections.labels(tier).inc()
+            log.warning("tier %s ejected (%s): its requests go where its overflow policy says until a probe "
+                        "generates again", tier, reason)
+        else:
+            log.warning("tier %s back in routing after %.1fs", tier, self.ejector.last_duration_s.get(tier, 0.0))
+
     # -- operational routes ---------------------------------------------------------------------------------
 
     @api.get("/health")
@@ -274,15 +286,18 @@ class Ingress:
 
     @api.get("/health/providers")
     async def providers(self) -> dict[str, Any]:
-        """Breaker state, open-until, failures, counts and latency per provider; their spend and budgets."""
+        """Breaker state, open-until, failures, counts and latency per provider; their spend and budgets; and the
+        tiers' own breakers (ejection)."""
+        tiers = self.ejector.snapshot()
         if self.fallback is None:
-            return {"providers": {}, "budgets": {}}
+            return {"providers": {}, "budgets": {}, "tiers": tiers}
         snapshot: dict[str, Any] = await asyncio.wait_for(self.fallback.snapshot.remote(), 10)
-        return snapshot
+        return {**snapshot, "tiers": tiers}
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
         await asyncio.gather(self.fleet.refresh_engine_metrics(self.metrics), self.fleet.refresh_gpus())
+        self.fleet.export_readiness(self.metrics)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- the calling key's view -----------------------------------------------------------------------------

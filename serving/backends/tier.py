@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from serving.backends.affinity import colocate_engine_cores
 from serving.config import PROMPT_FIELD, Tier
 from serving.ops.metrics import engine_metrics_text, engine_waiting
 from serving.ops.tracing import Tracing
-from serving.wire.errors import APIError, from_validation_errors, from_vllm_error, protocol_of, render_sse
+from serving.wire.errors import ENGINE_DEAD, APIError, from_validation_errors, from_vllm_error, protocol_of, render_sse
 from serving.wire.items import Call, Result, StreamItem, Usage
 from serving.wire.sse import DONE_TEXT, is_error_event, with_usage
 
@@ -51,6 +52,7 @@ def engine_args(tier: Tier, model_path: Path) -> Any:
         gpu_memory_utilization=e.gpu_memory_utilization,
         tensor_parallel_size=e.tensor_parallel_size,
         max_num_seqs=e.max_num_seqs,
+        scheduling_policy=e.scheduling_policy,
         enforce_eager=e.enforce_eager,
         seed=e.seed,
         # Worker processes, not Ray actors: the replica's own actor already holds the tier's resources.
@@ -65,6 +67,24 @@ def engine_args(tier: Tier, model_path: Path) -> Any:
 
 def _task_args(tier: Tier) -> dict[str, Any]:
     return {"runner": "pooling"} if tier.task == "embed" else {}  # an embedding model: vLLM's pooling runner
+
+
+# The priority of the request being submitted, for the Anthropic Messages route: vLLM converts that request to a
+# chat request inside its serving class, and the Anthropic request type has no `priority` field to carry it.
+_MESSAGES_PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("tierserve_messages_priority", default=0)
+
+
+def engine_priority(tier: Tier, priority: int) -> int:
+    """What the engine gets: the key's priority, or 0 on an `fcfs` tier (vLLM documents a non-zero priority as
+    an error without priority scheduling; 0.32 ignores it, a later release may fail the request)."""
+    return priority if tier.engine.scheduling_policy == "priority" else 0
+
+
+def with_priority(request: Any, priority: int) -> Any:
+    """`request` (a validated vLLM request) with vLLM's `priority` set, where its type has that field."""
+    if "priority" in getattr(type(request), "model_fields", {}):
+        request.priority = priority
+    return request
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +135,9 @@ class TierServer:
 
     # -- request path -------------------------------------------------------------------------------
 
-    async def _start(self, endpoint: str, body: dict[str, Any]) -> Any:
+    async def _start(self, endpoint: str, body: dict[str, Any], priority: int = 0) -> Any:
         try:
-            return await self._submit(endpoint, body)
+            return await self._submit(endpoint, body, priority)
         except Exception as exc:
             # Nothing escapes a tier call as an exception: what vLLM raises instead of returning an
             # ErrorResponse goes through vLLM's own mapping (client errors 4xx, the rest 5xx).
@@ -129,8 +149,9 @@ class TierServer:
                 raise
             raise error from exc
 
-    async def _submit(self, endpoint: str, body: dict[str, Any]) -> Any:
-        """Validate with vLLM's protocol types and hand the request to vLLM's serving code."""
+    async def _submit(self, endpoint: str, body: dict[str, Any], priority: int = 0) -> Any:
+        """Validate with vLLM's protocol types and hand the request to vLLM's serving code, at the caller's
+        priority (the key's class: the body's `priority` never gets this far)."""
         route = self.routes.get(endpoint)
         if route is None:
             raise APIError(404, f"tier {self.tier_name} ({self.tier.task} model) does not serve {endpoint}",
@@ -148,9 +169,15 @@ class TierServer:
             where = f"{param}: " if param else ""
             raise APIError(400, f"{where}invalid value ({type(exc).__name__}: {exc})", param=param) from None
         if self.engine is None or self.engine.errored:
-            raise APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting")
-        with self.tracing.span("tierserve.engine", model=self.tier.served_name):
-            result = await route.handle(request)
+            raise APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting", code=ENGINE_DEAD)
+        priority = engine_priority(self.tier, priority)
+        with_priority(request, priority)
+        token = _MESSAGES_PRIORITY.set(priority)  # the Anthropic request has no field: its conversion reads this
+        try:
+            with self.tracing.span("tierserve.engine", model=self.tier.served_name):
+                result = await route.handle(request)
+        finally:
+            _MESSAGES_PRIORITY.reset(token)
         error = getattr(result, "error", None)
         if error is not None and hasattr(error, "model_dump"):
             raise from_vllm_error(error.model_dump())
@@ -184,11 +211,11 @@ class TierServer:
 
     async def complete(self, call: Call) -> Result:
         with self.tracing.span("tierserve.tier", parent=call.trace, tier=self.tier_name, endpoint=call.endpoint):
-            return await self._complete(call.endpoint, call.body)
+            return await self._complete(call.endpoint, call.body, call.priority)
 
-    async def _complete(self, endpoint: str, body: dict[str, Any]) -> Result:
+    async def _complete(self, endpoint: str, body: dict[str, Any], priority: int = 0) -> Result:
         try:
-            result = await self._start(endpoint, body)
+            result = await self._start(endpoint, body, priority)
         except APIError as exc:
             return Result.error(exc)
         if isinstance(result, StarletteResponse):  # the pooling handlers answer with a ready response
@@ -215,7 +242,7 @@ class TierServer:
             if endpoint in USAGE_OPTION_ENDPOINTS:
                 body, client_wants_usage = with_usage(body)
             try:
-                result = await self._start(endpoint, body)
+                result = await self._start(endpoint, body, call.priority)
             except APIError as exc:
                 yield Result.error(exc)
                 return
@@ -484,7 +511,7 @@ def _generate_routes(engine: Any, models: Any, tier: Tier) -> dict[str, Route]:
     completion = OpenAIServingCompletion(engine, models, online_renderer=renderer, request_logger=None)
     # The gateway keeps stored responses itself (per key, across replicas): vLLM's store stays off.
     responses = OpenAIServingResponses(engine, models, **chat_like)
-    messages = AnthropicServingMessages(engine, models, "assistant", **chat_like)
+    messages = _prioritized_messages(AnthropicServingMessages)(engine, models, "assistant", **chat_like)
     return {
         "chat": Route(ChatCompletionRequest, lambda r: chat.create_chat_completion(r, None)),
         "completion": Route(CompletionRequest, lambda r: completion.create_completion(r, None)),
@@ -492,6 +519,18 @@ def _generate_routes(engine: Any, models: Any, tier: Tier) -> dict[str, Route]:
         "messages": Route(AnthropicMessagesRequest, lambda r: messages.create_messages(r, None)),
         "count_tokens": Route(AnthropicCountTokensRequest, lambda r: messages.count_tokens(r, None)),
     }
+
+
+def _prioritized_messages(base: Any) -> Any:
+    """vLLM's Anthropic Messages class, its chat request given the priority of the request being submitted."""
+
+    class PrioritizedMessages(base):
+        @classmethod
+        def to_chat_completion_request(cls, anthropic_request: Any, **kwargs: Any) -> Any:
+            return with_priority(super().to_chat_completion_request(anthropic_request, **kwargs),
+                                 _MESSAGES_PRIORITY.get())
+
+    return PrioritizedMessages
 
 
 def _embedding_routes(engine: Any, models: Any) -> dict[str, Route]:

@@ -75,7 +75,7 @@ class Admission:
                 # Before routing: the size of the whole conversation decides where it fits.
                 body = self.conversations.continue_request(key.id, received)
             facts = facts_from_body(endpoint, body, request.headers, self.config.routing,
-                                    default_tier=key.default_tier, allowed=key.tiers)
+                                    default_tier=key.default_tier, allowed=key.tiers, priority=key.priority)
             decision = route(facts)
             tier = decision.tier
             if decision.kind == "reject" or tier is None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from serving.ops.statedb import open_state_db
+from serving.spend.statedb import open_state_db
 from serving.wire.errors import APIError
 
 DEFAULT_TTL_S = 30 * 86400.0  # OpenAI keeps stored responses for 30 days

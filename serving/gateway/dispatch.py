@@ -4,15 +4,22 @@ A stream's first chunk is awaited before anything is sent to the client, so an e
 HTTP status or a fail-over to the next candidate; once the first byte has gone, nothing is retried (Envoy's
 rule) and a later failure ends the stream with an SSE error event. Every request ends in exactly one
 `Ticket.finish`, whichever way it ends.
+
+A tier whose replica died is ejected (serving/gateway/ejection.py): failures that say a replica or its engine is
+gone feed the ejector, a tier's wait for its first byte ends the moment the tier is ejected (the request then
+goes to the next candidate, exactly once each), and a first byte that is late asks the fleet whether the tier
+still has a running replica at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import orjson
 from ray.exceptions import RayActorError, RayTaskError
@@ -20,16 +27,18 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from serving.config import AppConfig, Endpoint
 from serving.gateway.accounting import Status, Ticket
+from serving.gateway.ejection import ENGINE_DIED, REPLICA_DIED, REPLICA_UNAVAILABLE, Ejector, TierEjected
 from serving.gateway.router import Candidate, Decision
 from serving.ops.metrics import LOCAL
 from serving.wire.backend import Backend, ItemStream
-from serving.wire.errors import APIError, retry_after
+from serving.wire.errors import ENGINE_DEAD, APIError, protocol_of, render_sse, retry_after
 from serving.wire.items import Call, Result, Usage
 
 log = logging.getLogger(__name__)
 
 # The replica died mid-call, or its queue is full: nothing reached the client, another candidate may answer.
 UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +50,7 @@ class Request:
     stream: bool
     prompt_tokens: int = 0  # the router's estimate: what a provider stream cut before its usage is charged
     trace: dict[str, str] | None = None
+    priority: int = 0  # vLLM's request priority, from the caller's key
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +71,15 @@ class Dispatcher:
         fallback: Backend | None,
         *,
         attempted: Callable[[Candidate, bool], None] | None = None,
+        ejector: Ejector | None = None,
+        late_first_byte: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.tiers = tiers
         self.fallback = fallback  # the provider deployment; None when no provider is configured
         self.attempted = attempted  # told of every attempt and whether it failed (the fleet refreshes its view)
+        self.ejector = ejector if config.routing.ejection.enabled else None
+        self.late_first_byte = late_first_byte  # a tier's first byte is late: is a replica still running?
 
     def wait_limit_s(self, cand: Candidate) -> float:
         """How long a candidate may take to answer (non-streamed) or send its first chunk: the request timeout,
@@ -104,7 +118,7 @@ class Dispatcher:
                     return Answer(headers, result=answer)
                 first, rest = answer
                 ticket.first()
-                return Answer(headers, chunks=relay(first, rest, ticket))
+                return Answer(headers, chunks=relay(first, rest, ticket, partial(self._broke, cand, request)))
         except BaseException:
             ticket.finish(500)  # a bug in a backend, or the client went away while waiting
             raise
@@ -127,19 +141,32 @@ class Dispatcher:
 
     async def _attempt(self, cand: Candidate, request: Request) -> Result | tuple[bytes, ItemStream]:
         """One candidate: a Result (answer or error) or, for a started stream, (first chunk, the rest)."""
+        answer = await self._attempt_once(cand, request)
+        if cand.kind == "tier" and self.ejector is not None:
+            cause = _ejection_cause(answer)
+            if cause is None:
+                self.ejector.succeeded(cand.name)
+            elif cause:
+                self.ejector.failed(cand.name, cause)
+        return answer
+
+    async def _attempt_once(self, cand: Candidate, request: Request) -> Result | tuple[bytes, ItemStream]:
         call = Call(request.endpoint, request.body, cand.tier, target=cand.name if cand.kind == "provider" else "",
-                    prompt_tokens=request.prompt_tokens, trace=request.trace)
+                    prompt_tokens=request.prompt_tokens, trace=request.trace, priority=request.priority)
         backend = self._backend(cand)
         limit = self.wait_limit_s(cand)
         try:
             if not request.stream:
-                return await asyncio.wait_for(backend.complete(call), limit)
+                return await self._first(cand, backend.complete(call), limit)
             chunks = backend.stream(call)
             try:
-                first = await asyncio.wait_for(chunks.__anext__(), limit)
-            except TimeoutError:
+                first = await self._first(cand, chunks.__anext__(), limit)
+            except (TimeoutError, TierEjected):
                 chunks.cancel()
                 raise
+        except TierEjected as exc:
+            headers = retry_after(self.config.routing.unavailable_retry_after_s)
+            return Result.error(APIError(503, str(exc), code="tier_ejected", headers=headers))
         except TimeoutError:
             message = f"{cand.kind} {cand.name} did not answer within {limit:g}s (no replica ready, or overloaded)"
             headers = retry_after(self.config.routing.unavailable_retry_after_s)
@@ -147,7 +174,8 @@ class Dispatcher:
         except StopAsyncIteration:
             return Result.error(APIError(502, f"{cand.kind} {cand.name} ended the stream without data"))
         except UNAVAILABLE as exc:
-            return Result.error(APIError(503, f"{cand.kind} {cand.name} is unavailable: {type(exc).__name__}"))
+            return Result.error(APIError(503, f"{cand.kind} {cand.name} is unavailable: {type(exc).__name__}",
+                                         code=_unavailable_code(exc, cand)))
         except RayTaskError:
             raise  # the backend's own code failed (a bug, since backends return their errors): a 500, not hidden
         except Exception as exc:
@@ -163,17 +191,96 @@ class Dispatcher:
         return first, chunks
 
 
-async def relay(first: bytes, rest: ItemStream, ticket: Ticket) -> AsyncGenerator[bytes, None]:
-    """Forward SSE bytes; the backend's closing Usage item goes to the ticket, not to the client."""
+    def _broke(self, cand: Candidate, request: Request, exc: Exception) -> bytes:
+        """A started stream whose backend failed (its replica died mid-stream): the error event that ends it,
+        in the stream's protocol. A dead replica counts towards ejecting its tier."""
+        log.warning("%s %s: stream broke after its first byte: %r", cand.kind, cand.name, exc)
+        gone = isinstance(exc, UNAVAILABLE) and not isinstance(exc, BackPressureError)
+        if gone and cand.kind == "tier" and self.ejector is not None:
+            self.ejector.failed(cand.name, REPLICA_DIED if isinstance(exc, RayActorError) else REPLICA_UNAVAILABLE)
+        if self.attempted is not None:
+            self.attempted(cand, True)
+        code = _unavailable_code(exc, cand) if gone else "stream_error"
+        message = f"{cand.kind} {cand.name} failed mid-stream: {type(exc).__name__}"
+        return render_sse(APIError(502, message, code=code), protocol_of(request.endpoint))
+
+    async def _first(self, cand: Candidate, work: Awaitable[T], limit: float) -> T:
+        """`work` (an answer, or a stream's first item) within `limit`; for a tier, TierEjected as soon as the
+        tier is ejected, and a word to the fleet once the first byte is late."""
+        if cand.kind != "tier" or self.ejector is None:
+            return await asyncio.wait_for(work, limit)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        task = asyncio.ensure_future(work)
+        woken = asyncio.ensure_future(self.ejector.wakeup(cand.name).wait())
+        try:
+            check_at = self.config.routing.ejection.first_byte_check_s
+            done, _ = await asyncio.wait({task, woken}, timeout=min(check_at, limit),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done and self.late_first_byte is not None:
+                self.late_first_byte(cand.name)
+            if not done:
+                done, _ = await asyncio.wait({task, woken}, timeout=max(0.0, deadline - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if woken in done:
+                raise TierEjected(cand.name, self.ejector.reason(cand.name) or "ejected")
+            raise TimeoutError
+        finally:
+            woken.cancel()
+            if not task.done():
+                task.cancel()  # a handle call cancels its replica's work (HandleBackend)
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+def _ejection_cause(answer: Result | tuple[bytes, ItemStream]) -> str | None:
+    """Why a tier's attempt says a replica or its engine is gone: a cause for the ejector, "" for a failure
+    that says nothing about the replica (overload, a bad request, a timeout), None for an answer."""
+    if not isinstance(answer, Result) or answer.status < 500:
+        return None  # an answer, or the replica's own refusal: it is alive
+    return _CAUSE_OF_CODE.get(_code(answer), "")
+
+
+def _unavailable_code(exc: BaseException, cand: Candidate) -> str | None:
+    """A dead actor is a replica that died; a full queue says nothing about the replicas' health."""
+    if isinstance(exc, BackPressureError):
+        return "backpressure"
+    if cand.kind != "tier":
+        return None
+    return "replica_died" if isinstance(exc, RayActorError) else "replica_unavailable"
+
+
+_CAUSE_OF_CODE = {"replica_died": REPLICA_DIED, "replica_unavailable": REPLICA_UNAVAILABLE,
+                  ENGINE_DEAD: ENGINE_DIED}
+
+
+def _code(result: Result) -> str:
+    try:
+        return str(orjson.loads(result.body)["error"]["code"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return ""
+
+
+async def relay(
+    first: bytes, rest: ItemStream, ticket: Ticket, broke: Callable[[Exception], bytes]
+) -> AsyncGenerator[bytes, None]:
+    """Forward SSE bytes; the backend's closing Usage item goes to the ticket, not to the client. A backend that
+    fails after the first byte (backends report their own errors in-stream; this is one that could not, e.g. a
+    replica that died) ends the stream with the error event `broke` renders, never a cut connection."""
     status: Status = "stream_error"  # ended without the backend's usage: cut or failed mid-stream
     usage = Usage()
     try:
         yield first
-        async for chunk in rest:
-            if isinstance(chunk, Usage):
-                usage, status = chunk, 200
-            elif isinstance(chunk, bytes):
-                yield chunk
+        try:
+            async for chunk in rest:
+                if isinstance(chunk, Usage):
+                    usage, status = chunk, 200
+                elif isinstance(chunk, bytes):
+                    yield chunk
+        except Exception as exc:  # whatever it was, the client gets an ending, not a cut connection
+            yield broke(exc)
     except (asyncio.CancelledError, GeneratorExit):  # cancelled while waiting, or closed while sending
         if status != 200:  # went away before the end
             status = 499

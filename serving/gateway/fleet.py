@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from prometheus_client.core import Metric
 
 from serving.config import AppConfig, deployment_name
+from serving.gateway.ejection import NO_RUNNING_REPLICA, Ejector
 from serving.gateway.router import TierState
 from serving.ops.gpu import GpuSnapshot
 from serving.ops.metrics import RequestMetrics, estimate_wait_s, relabel, waiting_in
@@ -40,9 +41,13 @@ class Fleet:
     def __init__(
         self, config: AppConfig, tiers: Mapping[str, TierBackend], app_name: str,
         local: Mapping[str, Running] | None = None,
+        ejector: Ejector | None = None,
     ) -> None:
         self.config = config
         self.tiers = tiers
+        # Tiers out of routing because a replica died, until a probe through their backend generates again.
+        self.ejector = ejector if config.routing.ejection.enabled else None
+        self.probing: dict[str, asyncio.Task[None]] = {}
         # Tiers whose engine is in this process (ingress.embed_tier): counted here, not by the controller.
         self.local = dict(local or {})
         self.app_name = app_name
@@ -55,6 +60,7 @@ class Fleet:
         self.fallback: Any = None
         self.refreshing: asyncio.Task[None] | None = None
         self.settled = False  # every tier's replicas RUNNING at the last read
+        self.recounting: asyncio.Task[None] | None = None
         self.replicas_read_at = -float("inf")  # loop time of that read
 
     def tier_states(self, metrics: RequestMetrics) -> dict[str, TierState]:
@@ -69,6 +75,7 @@ class Fleet:
                 est_wait_s=estimate_wait_s(ongoing, running, tier.engine.max_num_seqs,
                                            metrics.mean_duration_s.get(name)),
                 cold=tier.replicas.min == 0 and running == 0,
+                ejected=self.ejector.reason(name) if self.ejector is not None else None,
             )
         return out
 
@@ -87,6 +94,7 @@ class Fleet:
         rounds = 0
         while True:
             await self.refresh_states()
+            self.probe_ejected()
             if rounds % ENGINE_STATS_EVERY == 0:
                 try:
                     await self.refresh_waiting(metrics)
@@ -129,6 +137,45 @@ class Fleet:
         self.replicas = {**{name: int(s.get("RUNNING", 0)) for name, s in states.items()}, **local}
         self.settled = all(state == "RUNNING" or not n for s in states.values() for state, n in s.items())
         self.replicas_read_at = asyncio.get_running_loop().time()
+        if self.ejector is not None:
+            for name, running in self.replicas.items():
+                if running == 0 and not self.scales_to_zero(name):  # scaled to zero is cold, not broken
+                    self.ejector.eject(name, NO_RUNNING_REPLICA)
+
+    def first_byte_late(self, tier: str) -> None:
+        """A tier's first byte is late: re-read the controller now (at most one read in flight), so a tier left
+        without a running replica is ejected and its waiting requests go elsewhere."""
+        if self.ejector is None or self.ejector.reason(tier) is not None or self.recounting is not None:
+            return
+        self.recounting = asyncio.get_running_loop().create_task(self._recount_once())
+
+    async def _recount_once(self) -> None:
+        try:
+            await self.refresh_replicas()
+            self.settled = False  # and every refresh until the counts settle
+        finally:
+            self.recounting = None
+
+    def probe_ejected(self) -> None:
+        """One probe at a time per ejected tier, through its backend (the replacement's, once Ray has one)."""
+        if self.ejector is None:
+            return
+        for tier in self.ejector.ejected():
+            if tier not in self.probing:
+                self.probing[tier] = asyncio.get_running_loop().create_task(self._try_restore(tier))
+
+    async def _try_restore(self, tier: str) -> None:
+        assert self.ejector is not None
+        try:
+            await asyncio.wait_for(self.tiers[tier].probe(), self.config.routing.ejection.probe_timeout_s)
+            # It generated; back in routing once the controller counts a RUNNING replica too, or the router
+            # would still see none.
+            if await self.recount(tier):
+                self.ejector.restore(tier)
+        except Exception as exc:
+            log.debug("tier %s: probe while ejected failed: %r", tier, exc)
+        finally:
+            del self.probing[tier]
 
     async def _replica_states(self) -> dict[str, dict[str, int]]:
         """The controller's replica states of this app, bounded: a controller that never answers must not stall
@@ -184,6 +231,16 @@ class Fleet:
             self._set_waiting(tier, waiting_in(mine), metrics)
             families.extend(mine)
         self.engine_families = families
+
+    def export_readiness(self, metrics: RequestMetrics) -> None:
+        """tierserve_tier_ready from the router's view (replica counts, ejection): what an alert on a tier with
+        nowhere to run reads."""
+        for tier in self.config.tiers:
+            running = self.replicas.get(tier)
+            ejected = self.ejector is not None and self.ejector.reason(tier) is not None
+            if running is not None:  # unknown before the first read: no sample rather than a guess
+                ready = not ejected and (running > 0 or self.scales_to_zero(tier))
+                metrics.tier_ready.labels(tier).set(1 if ready else 0)
 
     def _set_waiting(self, tier: str, waiting: int, metrics: RequestMetrics) -> None:
         self.waiting[tier] = waiting

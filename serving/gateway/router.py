@@ -48,6 +48,7 @@ class RequestFacts:
     # The caller's API key: the tier `auto` falls back to, and the tiers `auto` may pick (None: all).
     default_tier: str | None = None
     allowed: frozenset[str] | None = None
+    priority: str = "standard"  # the key's class (serving/security/keys.py): `batch` keeps off paid providers
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class TierState:
     engine_waiting: int | None = None  # vLLM's waiting requests, summed over replicas
     est_wait_s: float | None = None  # the caller's estimate of queueing delay
     cold: bool = False  # scaled to zero or warming up: no replica can answer yet
+    ejected: str | None = None  # why the tier is out of routing (its replica died), until a probe passes
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -166,6 +168,7 @@ def facts_from_body(
     *,
     default_tier: str | None = None,
     allowed: Iterable[str] | None = None,
+    priority: str = "standard",
 ) -> RequestFacts:
     """Extract routing facts from a parsed request body; tolerant of malformed fields (the tier validates)."""
     model = body.get("model")
@@ -234,6 +237,7 @@ def facts_from_body(
         text=_clip(text, routing.scan_chars),
         default_tier=default_tier,
         allowed=frozenset(allowed) if allowed is not None else None,
+        priority=priority,
     )
 
 
@@ -415,7 +419,7 @@ class Router:
                 skipped.append((f"tier:{local}", why))
                 blockers.append((429 if kind == "saturated" else 503, retry))
                 use_providers = policy.on_unavailable == "fallback"
-                reason += f";{kind}"
+                reason += f";tier {local} {why}" if kind == "ejected" else f";{kind}"
 
         middle: list[Candidate] = []
         if use_providers:
@@ -439,9 +443,11 @@ class Router:
         return self._reject(facts, served, reason, skipped, blockers)
 
     def _tier_problem(self, name: str, s: TierState) -> tuple[str, str, float | None] | None:
-        """(kind, why, retry after) when the tier can't take the request now; kind: cold|saturated|down."""
+        """(kind, why, retry after) when the tier can't take the request now; kind: cold|saturated|down|ejected."""
         policy = self.tiers[name].overflow
         routing = self.routing
+        if s.ejected is not None:
+            return "ejected", f"ejected ({s.ejected})", float(routing.unavailable_retry_after_s)
         if s.cold:
             return "cold", "scaled to zero / warming up", None
         if s.healthy_replicas == 0:
@@ -470,6 +476,9 @@ class Router:
             return "disabled", None
         if p.paid and not self.routing.allow_paid:
             return "paid use disabled (routing.allow_paid: false)", None
+        if p.paid and facts.priority == "batch" and not self.routing.batch_spills_to_paid:
+            # Not a blocker: a batch request that only a paid provider could take gets the tier's own status.
+            return "paid provider: batch keys queue instead (routing.batch_spills_to_paid)", None
         if need > p.max_context:
             return f"prompt ~{facts.prompt_tokens} tokens + output > max_context {p.max_context}", (400, None)
         if s.over_budget:

@@ -55,6 +55,15 @@ class RequestMetrics:
             registry=registry,
         )
         self.cost = Counter("tierserve_cost_usd", "Spend in US dollars", ["provider"], registry=registry)
+        self.tier_ejections = Counter(
+            "tierserve_tier_ejections", "Times a tier left routing because a replica or its engine died", ["tier"],
+            registry=registry,
+        )
+        # Scaled to zero counts as ready: a request starts a replica.
+        self.tier_ready = Gauge(
+            "tierserve_tier_ready", "1 while the router can send the tier requests, 0 while it has nowhere to run",
+            ["tier"], registry=registry,
+        )
 
         self.ongoing: dict[str, int] = {}  # the same in-flight counts, for the router (no metric lookups)
         self.mean_duration_s: dict[str, float] = {}  # EWMA of locally served requests, for wait estimates

@@ -45,6 +45,9 @@ SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43,}$")  # token_urlsafe(32) is 43 chara
 AGENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a metrics label: short and plain
 FILE_VERSION = 1
 ANONYMOUS_ID = "anonymous"
+PriorityClass = Literal["interactive", "standard", "batch"]
+# vLLM's request priority per class: lower is scheduled first.
+PRIORITY_VALUE: dict[str, int] = {"interactive": -10, "standard": 0, "batch": 10}
 ENV_ADMIN_ID = "env-admin"
 _DUMMY_DIGEST = "0" * 64  # compared against for unknown ids, so both paths cost the same
 
@@ -65,6 +68,8 @@ class KeySpec(BaseModel):
     budget_usd: float | None = Field(None, ge=0)
     budget_period: Literal["day", "month"] = "month"  # UTC calendar periods, as serving/spend/ledger.py
     default_tier: str | None = None  # what `model: auto` means for this agent when no rule matches
+    # Its requests' place in the tiers' engine queues (vLLM priority scheduling): interactive agents first.
+    priority: PriorityClass = "standard"
 
     @classmethod
     def parse(cls, body: dict[str, Any]) -> KeySpec:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from serving.config import Provider
-from serving.ops.statedb import open_state_db
 from serving.spend.pricing import provider_cost
+from serving.spend.statedb import open_state_db
 
 Kind = Literal["provider", "key"]  # a provider's spend (its budgets), or an API key's (serving/security/quotas.py)
 Period = Literal["day", "month"]

@@ -16,6 +16,9 @@ from typing import Any, Literal
 import orjson
 
 # OpenAI's `type` values by status; clients (the openai SDK) pick their exception class from the status.
+# The code of a tier's 503 when its engine has died (the dispatcher counts it towards ejecting the tier).
+ENGINE_DEAD = "engine_dead"
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

@@ -55,6 +55,7 @@ class Call:
     target: str = ""
     prompt_tokens: int = 0
     trace: dict[str, str] | None = None
+    priority: int = 0  # vLLM's request priority, from the caller's key (never from the body)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,9 @@ Topology (every address lives inside namespaces created here):
     <tag>-out  10.77.0.3   a plain namespace that is not a WireGuard peer
     <tag>-lan              a bridge joining the four (the "underlay": a cloud LAN or the internet)
 
+Each namespace also has an address in Mycelium's range (5b2:77::<last octet>), which is what the inventory
+generated from OpenTofu's outputs reaches a Grid VM by.
+
 The containers boot systemd (PID 1 of this machine is not systemd, a booted container is) and run
 sshd, so Ansible reaches them exactly as it reaches a VM. The kernel has no WireGuard module; the
 containers get /dev/net/tun and wg-quick falls back to wireguard-go.
@@ -40,11 +43,16 @@ SUITE = "bookworm"
 # Everything the roles install must already be in the image: the containers have no route to a mirror.
 PACKAGES = (
     "systemd,systemd-sysv,dbus,python3,python3-apt,openssh-server,iproute2,procps,ca-certificates,curl,"
-    "python3-venv,python3-packaging,libnuma1,sudo,acl,wireguard-tools,wireguard-go,nftables"
+    "python3-venv,python3-packaging,libnuma1,sudo,acl,wireguard-tools,wireguard-go,nftables,"
+    # The monitoring role's packages (it installs them with apt, which finds them present: no mirror needed).
+    "prometheus,prometheus-node-exporter"
 )
 CACHE = Path(os.environ.get("TIERSERVE_TEST_CACHE", "/var/cache/tierserve-test"))
 UNDERLAY = "10.77.0"
 HOSTS = {"gpu": f"{UNDERLAY}.1", "agt": f"{UNDERLAY}.2", "out": f"{UNDERLAY}.3", "ctl": f"{UNDERLAY}.10"}
+# Each namespace's address in Mycelium's 400::/7 too, as a Grid VM has: the inventory generated from OpenTofu's
+# outputs reaches the VMs (SSH, WireGuard) over these.
+MYCELIUM = {name: f"5b2:77::{addr.rsplit('.', 1)[1]}" for name, addr in HOSTS.items()}
 CONTAINERS = ("gpu", "agt")
 
 
@@ -140,6 +148,7 @@ class Lab:
             run("ip", "link", "set", outer, "netns", lan)
             run("ip", "-n", self.ns(name), "link", "set", inner, "name", "eth0")
             run("ip", "-n", self.ns(name), "addr", "add", f"{addr}/24", "dev", "eth0")
+            run("ip", "-n", self.ns(name), "-6", "addr", "add", f"{MYCELIUM[name]}/64", "dev", "eth0", "nodad")
             run("ip", "-n", self.ns(name), "link", "set", "eth0", "up")
             run("ip", "-n", lan, "link", "set", outer, "master", "br0")
             run("ip", "-n", lan, "link", "set", outer, "up")

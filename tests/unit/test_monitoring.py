@@ -334,10 +334,11 @@ ALERT_TESTS = {
                            'replica="a"}', "values": "1 1 0x40"},
                 {"series": 'ray_serve_autoscaling_target_replicas{application="tierserve", deployment="tier-fast"}',
                  "values": "0x40"},
-                {"series": 'ray_serve_autoscaling_target_replicas{application="tierserve", deployment="ingress"}',
+                # The ingress's own view: reasoning (embedded in the ingress replica) loses its engine.
+                {"series": 'tierserve_tier_ready{job="tierserve", instance="10.66.0.1:8000", tier="reasoning"}',
+                 "values": "1 1 0x40"},
+                {"series": 'tierserve_tier_ready{job="tierserve", instance="10.66.0.1:8000", tier="fast"}',
                  "values": "1x40"},
-                {"series": 'ray_serve_deployment_replica_healthy{application="tierserve", deployment="ingress", '
-                           'replica="b"}', "values": "1x40"},
                 {"series": 'tierserve_gpu_temperature_celsius{gpu="0", uuid="GPU-1", node="gpu1"}', "values": "91x40"},
                 {"series": 'tierserve_gpu_memory_used_bytes{gpu="0", uuid="GPU-1", node="gpu1"}', "values": "79e9x40"},
                 {"series": 'tierserve_gpu_memory_total_bytes{gpu="0", uuid="GPU-1", node="gpu1"}', "values": "80e9x40"},
@@ -345,8 +346,9 @@ ALERT_TESTS = {
             ],
             "alert_rule_test": [
                 {"eval_time": "20s", "alertname": "TierserveTierNotReady", "exp_alerts": []},  # pending (for: 30s)
-                {"eval_time": "2m", "alertname": "TierserveTierNotReady", "exp_alerts": [{"exp_labels": {
-                    "severity": "critical", "application": "tierserve", "deployment": "tier-coder", "tier": "coder"}}]},
+                {"eval_time": "2m", "alertname": "TierserveTierNotReady", "exp_alerts": [
+                    {"exp_labels": {"severity": "critical", "tier": "coder"}},
+                    {"exp_labels": {"severity": "critical", "tier": "reasoning"}}]},
                 {"eval_time": "1m", "alertname": "TierserveIngressDown", "exp_alerts": []},
                 {"eval_time": "3m", "alertname": "TierserveIngressDown", "exp_alerts": [{"exp_labels": {
                     "severity": "critical", "job": "tierserve", "instance": "10.66.0.1:8000"}}]},
