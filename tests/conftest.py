@@ -174,6 +174,15 @@ START_TIMEOUT_S = 420
 ENGINE_MARKERS = ("VLLM::", "EngineCore", "ServeReplica:tierserve", "ray::", "raylet", "gcs_server")
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.support.measure import MEASUREMENTS
+
+    if MEASUREMENTS:
+        terminalreporter.section("tierserve measurements")
+        for line in MEASUREMENTS:
+            terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that break a tier on purpose run last, so the others see a healthy app."""
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

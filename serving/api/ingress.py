@@ -151,6 +151,7 @@ class Ingress:
             running_replicas=self.fleet.running_replicas,
             scale_to_zero={name: self.fleet.scales_to_zero(name) for name in config.tiers},
             recount=self.fleet.recount,
+            passed=self.fleet.probe_passed,
             cache_s=config.ingress.ready_cache_s,
             timeout_s=config.ingress.ready_timeout_s,
         )

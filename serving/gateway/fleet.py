@@ -164,6 +164,12 @@ class Fleet:
             if tier not in self.probing:
                 self.probing[tier] = asyncio.get_running_loop().create_task(self._try_restore(tier))
 
+    def probe_passed(self, tier: str) -> None:
+        """A readiness probe generated on the tier and the controller counts a RUNNING replica: back in routing
+        now (not at the next probe of the fleet's own), so ready and routed never disagree."""
+        if self.ejector is not None and self.replicas.get(tier):
+            self.ejector.restore(tier)
+
     async def _try_restore(self, tier: str) -> None:
         assert self.ejector is not None
         try:

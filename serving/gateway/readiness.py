@@ -40,6 +40,8 @@ class ReadinessProber:
     scale_to_zero: dict[str, bool]
     # Reads the controller now and updates the router's view.
     recount: Callable[[str], Awaitable[int | None]] | None = None
+    # Told of every tier found ready: an ejected tier is back in routing the moment readiness says it can serve.
+    passed: Callable[[str], None] | None = None
     cache_s: float = 5.0
     timeout_s: float = 10.0
     clock: Callable[[], float] = time.monotonic
@@ -85,6 +87,8 @@ class ReadinessProber:
             if running == 0:
                 error = "generated, but the Serve controller reports no RUNNING replica yet"
                 return TierHealth("failing", self.clock(), error=error, replicas=0)
+        if self.passed is not None:
+            self.passed(tier)
         return TierHealth("ready", self.clock(), latency_s=latency, replicas=running)
 
     async def report(self) -> tuple[int, dict[str, Any]]:

@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from tests.conftest import auth, engine_core_under, replica_process
+from tests.support.measure import measured
 
 # At most coder's overflow limit in flight (max_queue_per_replica 4 in the test profile): every request would go to
 # the tier, so where each one ends up is the failure's doing, not saturation's.
@@ -170,7 +171,7 @@ def test_a_killed_replica_sends_its_requests_to_the_provider_at_once(app_url: st
     before = ejections(app_url, "coder")
     peer_before = proxies["peer"].stats.requests
     load = run_load(app_url, api_key, "coder", lambda: replica_process("tier-coder").send_signal(signal.SIGKILL))
-    print("\n" + load.summary("coder replica SIGKILL, peer provider"))
+    measured(load.summary("coder replica SIGKILL, peer provider"))
     assert sum(1 for o in load.outcomes if o.provider == "local") > 0  # the tier served until the kill
     assert_accounted(load, {"complete", "refused", "error_event"})
     # Nothing served twice: every answer from the peer reached it once, nothing else did (it retries none here:
@@ -181,14 +182,14 @@ def test_a_killed_replica_sends_its_requests_to_the_provider_at_once(app_url: st
     assert any("tier coder ejected" in o.reason for o in load.outcomes), [o.reason for o in load.outcomes][-8:]
     assert ejections(app_url, "coder") == before + 1
     took = wait_recovered(app_url, api_key, "coder")
-    print(f"[tierserve replica kill] coder back in routing {took:.1f}s after the load")
+    measured(f"[tierserve replica kill] coder back in routing {took:.1f}s after the load")
 
 
 @pytest.mark.disruptive
 def test_a_killed_engine_core_sends_its_requests_to_the_provider(app_url: str, api_key: str) -> None:
     """Only the engine core dies: the replica lives on, its engine errored, until Ray's health check replaces it."""
     load = run_load(app_url, api_key, "coder", lambda: engine_core_under("tier-coder").send_signal(signal.SIGKILL))
-    print("\n" + load.summary("coder engine core SIGKILL, peer provider"))
+    measured(load.summary("coder engine core SIGKILL, peer provider"))
     assert_accounted(load, {"complete", "refused", "error_event"})
     assert load.providers()["peer"] > 0 and load.slowest_after_kill() <= FAILOVER_S, load.summary("coder")
     wait_recovered(app_url, api_key, "coder")
@@ -200,7 +201,7 @@ def test_the_embedded_engine_dying_answers_every_request_promptly(app_url: str, 
     envelope (or the SSE error event if started) while its engine is replaced in place."""
     ingress = replica_process("ingress")
     load = run_load(app_url, api_key, "reasoning", lambda: engine_core_under("ingress").send_signal(signal.SIGKILL))
-    print("\n" + load.summary("embedded reasoning engine SIGKILL, no provider"))
+    measured(load.summary("embedded reasoning engine SIGKILL, no provider"))
     assert_accounted(load, {"complete", "refused", "error_event", "error_5xx"})
     assert load.slowest_after_kill() <= FAILOVER_S, load.summary("reasoning")
     assert psutil.pid_exists(ingress.pid) and replica_process("ingress").pid == ingress.pid
@@ -220,7 +221,7 @@ def test_a_killed_replica_with_no_provider_left_is_a_prompt_503(app_url: str, ap
     finally:
         for name in ("peer", "metered"):
             proxies[name].set("pass")
-    print("\n" + load.summary("coder replica SIGKILL, every provider refusing"))
+    measured(load.summary("coder replica SIGKILL, every provider refusing"))
     try:
         assert_accounted(load, {"complete", "refused", "error_event"})
         assert load.count()["refused"] > 0 and load.slowest_after_kill() <= FAILOVER_S, load.summary("coder")

@@ -259,3 +259,26 @@ def test_the_fleet_ejects_a_tier_left_without_replicas_and_a_passing_probe_resto
         assert registry.get_sample_value("tierserve_tier_ready", {"tier": "coder"}) == 1
 
     asyncio.run(run())
+
+
+def test_a_passing_readiness_probe_restores_an_ejected_tier_at_once() -> None:
+    """Ready and routed never disagree: /health/ready finding the tier generating (with a RUNNING replica)
+    puts it back in routing, without waiting for the fleet's own probe."""
+    from serving.gateway.readiness import ReadinessProber
+
+    config = build_config({"tiers": {"coder": {"served_name": "c", "model": TINY}}}, None)
+    ejector = Ejector(config.tiers)
+    fleet = Fleet(config, {}, "app", ejector=ejector)
+    fleet.replicas = {"coder": 1}
+    ejector.eject("coder", "replica died")
+
+    async def probe(tier: str) -> float:
+        return 0.01
+
+    async def running(tier: str) -> int:
+        return 1
+
+    prober = ReadinessProber(probe=probe, running_replicas=running, scale_to_zero={"coder": False},
+                             passed=fleet.probe_passed)
+    assert asyncio.run(prober.check("coder")).state == "ready"
+    assert ejector.reason("coder") is None
