@@ -196,11 +196,12 @@ class Dispatcher:
         in the stream's protocol. A dead replica counts towards ejecting its tier."""
         log.warning("%s %s: stream broke after its first byte: %r", cand.kind, cand.name, exc)
         gone = isinstance(exc, UNAVAILABLE) and not isinstance(exc, BackPressureError)
-        if gone and cand.kind == "tier" and self.ejector is not None:
-            self.ejector.failed(cand.name, REPLICA_DIED if isinstance(exc, RayActorError) else REPLICA_UNAVAILABLE)
+        code = _unavailable_code(exc, cand) if gone else "stream_error"
+        cause = _CAUSE_OF_CODE.get(code or "")
+        if cause is not None and cand.kind == "tier" and self.ejector is not None:
+            self.ejector.failed(cand.name, cause)
         if self.attempted is not None:
             self.attempted(cand, True)
-        code = _unavailable_code(exc, cand) if gone else "stream_error"
         message = f"{cand.kind} {cand.name} failed mid-stream: {type(exc).__name__}"
         return render_sse(APIError(502, message, code=code), protocol_of(request.endpoint))
 

@@ -60,7 +60,7 @@ class Fleet:
         self.fallback: Any = None
         self.refreshing: asyncio.Task[None] | None = None
         self.settled = False  # every tier's replicas RUNNING at the last read
-        self.recounting: asyncio.Task[None] | None = None
+        self.recounting: asyncio.Task[int | None] | None = None
         self.replicas_read_at = -float("inf")  # loop time of that read
 
     def tier_states(self, metrics: RequestMetrics) -> dict[str, TierState]:
@@ -147,14 +147,11 @@ class Fleet:
         without a running replica is ejected and its waiting requests go elsewhere."""
         if self.ejector is None or self.ejector.reason(tier) is not None or self.recounting is not None:
             return
-        self.recounting = asyncio.get_running_loop().create_task(self._recount_once())
+        self.recounting = asyncio.get_running_loop().create_task(self.recount(tier))
+        self.recounting.add_done_callback(self._recounted)
 
-    async def _recount_once(self) -> None:
-        try:
-            await self.refresh_replicas()
-            self.settled = False  # and every refresh until the counts settle
-        finally:
-            self.recounting = None
+    def _recounted(self, _: asyncio.Task[int | None]) -> None:
+        self.recounting = None
 
     def probe_ejected(self) -> None:
         """One probe at a time per ejected tier, through its backend (the replacement's, once Ray has one)."""

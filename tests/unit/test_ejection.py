@@ -282,3 +282,31 @@ def test_a_passing_readiness_probe_restores_an_ejected_tier_at_once() -> None:
                              passed=fleet.probe_passed)
     assert asyncio.run(prober.check("coder")).state == "ready"
     assert ejector.reason("coder") is None
+
+
+def test_a_late_first_byte_makes_the_fleet_re_read_the_controller_and_eject(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.gateway import fleet as fleet_module
+
+    config = build_config({"tiers": {"coder": {"served_name": "c", "model": TINY}}}, None)
+    ejector = Ejector(config.tiers)
+    fleet = Fleet(config, {}, "app", ejector=ejector)
+    reads: list[int] = []
+
+    def status(app: str) -> dict[str, dict[str, int]]:
+        reads.append(1)
+        return {deployment_name("coder"): {"STARTING": 1}}  # the replica died; no replacement up yet
+
+    monkeypatch.setattr(fleet_module, "controller_replica_states", status)
+
+    async def run() -> None:
+        fleet.first_byte_late("coder")
+        fleet.first_byte_late("coder")  # one read in flight at a time
+        assert fleet.recounting is not None
+        await fleet.recounting
+        await asyncio.sleep(0)
+        assert fleet.recounting is None and len(reads) == 1
+        assert ejector.reason("coder") == "no running replica" and not fleet.settled
+        fleet.first_byte_late("coder")  # already ejected: nothing more to read
+        assert fleet.recounting is None
+
+    asyncio.run(run())
