@@ -168,8 +168,8 @@ class TierServer:
             param = _culprit(route, body)
             where = f"{param}: " if param else ""
             raise APIError(400, f"{where}invalid value ({type(exc).__name__}: {exc})", param=param) from None
-        if self.engine is None or self.engine.errored:
-            raise APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting", code=ENGINE_DEAD)
+        if self._dead():
+            raise self._dead_error()
         priority = engine_priority(self.tier, priority)
         with_priority(request, priority)
         token = _MESSAGES_PRIORITY.set(priority)  # the Anthropic request has no field: its conversion reads this
@@ -198,6 +198,16 @@ class TierServer:
             f"default when tools are given) needs a tool-call parser, and tier {self.tier_name} has none: set "
             f"tiers.{self.tier_name}.tool_call_parser in models.yaml, or send tool_choice \"none\"",
             param="tool_choice", code="tool_choice_unsupported")
+
+    def _dead(self) -> bool:
+        return self.engine is None or bool(self.engine.errored)
+
+    def _dead_error(self) -> APIError:
+        return APIError(503, f"tier {self.tier_name}: engine is dead, replica restarting", code=ENGINE_DEAD)
+
+    def _dead_or(self, error: APIError) -> APIError:
+        """A server-side failure of an engine that has died is the engine's death (what ejects the tier)."""
+        return self._dead_error() if error.status >= 500 and self._dead() else error
 
     def _map_exception(self, exc: Exception) -> APIError:
         """vLLM's own exception -> status mapping (validation 400, not found 404, engine 5xx)."""
@@ -258,17 +268,24 @@ class TierServer:
 
     async def _items(
         self, endpoint: str, result: AsyncGenerator[Any, None], client_wants_usage: bool
-    ) -> AsyncGenerator[bytes | Usage, None]:
+    ) -> AsyncGenerator[StreamItem, None]:
         """vLLM's SSE events as bytes, with the usage as a Usage item after the data and before the closing event
         (`[DONE]`, Anthropic's `message_stop`, the Responses API's `response.completed`): a client hangs up on
         that, and anything still owed after it turns a finished response into a cancelled one. Closing this
         generator closes vLLM's, which aborts the request in the engine."""
         usage: Usage | None = None
         closing: list[str] = []
+        started = False
         try:
             async with contextlib.aclosing(result):  # our close reaches vLLM's generator at once
                 async for item in result:
                     event = _event_text(item)
+                    if not started and is_error_event(event):
+                        # Failed before its first token (an engine that died under a request it had just
+                        # accepted): nothing has started, so the dispatcher may send it elsewhere.
+                        yield Result.error(self._dead_or(_error_of_event(event)))
+                        return
+                    started = True
                     found, terminal = _scan(endpoint, event)
                     if found is not None:
                         usage = found
@@ -278,8 +295,11 @@ class TierServer:
                         closing.append(event)  # held until the usage has gone
                         continue
                     yield _translate_sse(event) if endpoint in USAGE_OPTION_ENDPOINTS else event.encode()
-        except Exception as exc:  # the stream has started: report in-stream, in the stream's own protocol
-            yield render_sse(self._map_exception(exc), protocol_of(endpoint))
+        except Exception as exc:  # report in-stream, in the stream's own protocol, once the stream has started
+            error = self._dead_or(self._map_exception(exc))
+            yield render_sse(error, protocol_of(endpoint)) if started else Result.error(error)
+            if not started:
+                return
         if usage is not None:
             yield usage
         for event in closing:
@@ -333,7 +353,7 @@ class TierServer:
 
     def running(self) -> int:
         """Replicas of this tier that this process can call: itself, unless its engine died."""
-        return 0 if self.engine is None or self.engine.errored else 1
+        return 0 if self._dead() else 1
 
     def shutdown(self) -> None:
         tracing = getattr(self, "tracing", None)
@@ -389,9 +409,9 @@ def _culprit(route: Route, body: dict[str, Any]) -> str | None:
     return None
 
 
-async def _coalesced(items: AsyncIterator[bytes | Usage]) -> AsyncGenerator[bytes | Usage, None]:
+async def _coalesced(items: AsyncIterator[StreamItem]) -> AsyncGenerator[StreamItem, None]:
     """The same items, with SSE bytes already waiting joined into one: a pump task reads ahead into a queue."""
-    queue: asyncio.Queue[bytes | Usage | None] = asyncio.Queue()
+    queue: asyncio.Queue[StreamItem | None] = asyncio.Queue()
 
     async def pump() -> None:
         try:
@@ -432,6 +452,16 @@ def _translate_sse(chunk: str) -> bytes:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             pass
     return chunk.encode()
+
+
+def _error_of_event(event: str) -> APIError:
+    """An in-stream error event of any protocol as an APIError (vLLM's int `code` is its HTTP status)."""
+    try:
+        data = orjson.loads(_data_of(event) if event.startswith("event:") else event[6:].strip())
+        error = data["error"] if isinstance(data.get("error"), dict) else data
+        return from_vllm_error({"code": error.get("code"), "message": error.get("message")})
+    except (orjson.JSONDecodeError, ValueError, AttributeError, TypeError):
+        return APIError(500, "engine error before the first token")
 
 
 def _event_text(item: Any) -> str:

@@ -1,11 +1,17 @@
-"""The Ray path's chunk coalescing (serving.backends.tier._coalesced): order kept, bytes joined, the source closed."""
+"""A tier's stream: the Ray path's chunk coalescing (order kept, bytes joined, the source closed), and where
+an engine error goes (before the first token: a Result the dispatcher may fail over; after it: in the stream)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from types import SimpleNamespace
 
-from serving.backends.tier import Usage, _coalesced
+import orjson
+
+from serving.backends.tier import TierServer, Usage, _coalesced
+from serving.wire.errors import ENGINE_DEAD
+from serving.wire.items import Result, StreamItem
 from serving.wire.sse import DONE
 
 
@@ -17,7 +23,7 @@ async def _source(items: list[bytes | Usage], closed: list[bool]) -> AsyncIterat
         closed.append(True)
 
 
-async def _collect(it: AsyncIterator[bytes | Usage]) -> list[bytes | Usage]:
+async def _collect(it: AsyncIterator[StreamItem]) -> list[StreamItem]:
     return [item async for item in it]
 
 
@@ -32,7 +38,7 @@ def test_waiting_bytes_are_joined_and_usage_and_done_keep_their_place() -> None:
 
 
 def test_chunks_that_arrive_apart_are_sent_apart() -> None:
-    async def main() -> list[bytes | Usage]:
+    async def main() -> list[StreamItem]:
         later = asyncio.Event()
 
         async def source() -> AsyncIterator[bytes | Usage]:
@@ -71,3 +77,54 @@ def test_a_consumer_that_leaves_early_closes_the_source() -> None:
         return closed
 
     assert asyncio.run(main()) == [True]
+
+
+def _server(errored: bool) -> TierServer:
+    server = object.__new__(TierServer)  # only the stream translation runs: no engine is started
+    server.tier_name, server.engine = "coder", SimpleNamespace(errored=errored, shutdown=lambda: None)
+    return server
+
+
+async def _vllm_stream(events: list[str], closed: list[bool]) -> AsyncGenerator[str, None]:
+    try:
+        for event in events:
+            yield event
+    finally:
+        closed.append(True)
+
+
+def _items(server: TierServer, events: list[str], closed: list[bool]) -> list[StreamItem]:
+    async def main() -> list[StreamItem]:
+        return [item async for item in server._items("chat", _vllm_stream(events, closed), True)]
+    return asyncio.run(main())
+
+
+DEAD = ('data: {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", '
+        '"code": 500}}\n\n')
+
+
+def test_an_engine_that_dies_before_the_first_token_leaves_the_request_free_to_go_elsewhere() -> None:
+    closed: list[bool] = []
+    out = _items(_server(errored=True), [DEAD, "data: [DONE]\n\n"], closed)
+    assert len(out) == 1 and isinstance(out[0], Result)
+    assert out[0].status == 503 and out[0].failover
+    assert orjson.loads(out[0].body)["error"]["code"] == ENGINE_DEAD  # what ejects the tier
+    assert closed == [True]
+
+
+def test_a_request_error_before_the_first_token_is_the_clients_not_a_failover() -> None:
+    bad = 'data: {"error": {"message": "bad logits processor", "type": "BadRequestError", "code": 400}}\n\n'
+    out = _items(_server(errored=False), [bad, "data: [DONE]\n\n"], [])
+    assert len(out) == 1 and isinstance(out[0], Result)
+    assert out[0].status == 400 and not out[0].failover
+    assert orjson.loads(out[0].body)["error"]["message"] == "bad logits processor"
+
+
+def test_an_error_after_the_first_token_stays_in_the_stream() -> None:
+    token = 'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    out = _items(_server(errored=True), [token, DEAD, "data: [DONE]\n\n"], [])
+    assert out[0] == token.encode()
+    assert isinstance(out[1], bytes)
+    error = orjson.loads(out[1][6:])["error"]  # our envelope, a string code
+    assert (error["message"], error["code"]) == ("EngineCore encountered an issue.", "internal_error")
+    assert out[-1] == b"data: [DONE]\n\n"
