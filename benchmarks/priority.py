@@ -53,10 +53,16 @@ from benchmarks.cli import (
 )
 from benchmarks.loadgen import PromptMaker, Sample, Workload, make_client, one_request
 
-POLICIES = ("priority", "fcfs")
+# What each run sets: vLLM's scheduling policy, and whether the tier keeps slots from batch keys
+# (tiers.<name>.slots.batch_per_replica). `slots` is what an operator turns on for interactive-first tiers.
+POLICIES = ("slots", "priority", "fcfs")
+ENGINE_POLICY = {"slots": "priority", "priority": "priority", "fcfs": "fcfs"}
+TARGET_POLICY = "slots"
+CLASSED = ("slots", "priority")  # each compared with fcfs, the baseline without classes
 CLASSES = ("interactive", "batch")  # the two keys each run creates (serving/security/keys.py PRIORITY_VALUE)
-TARGET_RATIO = 2.0  # saturated TTFT p95 <= 2x idle TTFT p95, for the interactive key under `priority`
-QUEUE_METRICS = ("tierserve_queue_depth", "vllm:num_requests_waiting")
+TARGET_RATIO = 2.0  # saturated TTFT p95 <= 2x idle TTFT p95, for the interactive key under TARGET_POLICY
+# Requests waiting: in the engine's queue, or (a batch key's, under `slots`) in the gateway for a batch slot.
+QUEUE_METRICS = ("tierserve_queue_depth", "vllm:num_requests_waiting", "tierserve_batch_slots_waiting")
 WAITING_FIELDS = ("s_from_window_start", "waiting")  # the raw waiting readings' columns
 POLL_S = 1.0  # /metrics scrapes cost the ingress (the engine's process when embedded) CPU: about once a second
 ERROR_PAUSE_S = 0.5  # a batch stream that failed restarts after this, not in a hot loop
@@ -86,7 +92,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interactive-tokens", type=int, default=16, help="max_tokens of an interactive request")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length of every request")
     p.add_argument("--warmup", type=int, help="interactive requests before the idle phase, not counted (default 3)")
-    p.add_argument("--policies", default=",".join(POLICIES), help="engine.scheduling_policy values, run in order")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="run in order: slots (priority scheduling, batch keys held to --batch-slots), priority "
+                        "(priority scheduling alone), fcfs (no classes)")
+    p.add_argument("--batch-slots", type=int,
+                   help="`slots`: the tier's slots.batch_per_replica (default max-num-seqs - 1)")
     p.add_argument("--smoke", action="store_true", help="a small run for CI: K=4, B=2 x seqs, batch tokens 64")
     p.add_argument("--model-dir", help="HF-format model directory (default: the tiny model, --tiny-seed)")
     p.add_argument("--tiny-seed", type=int, default=3)
@@ -104,6 +114,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [x for x in args.policies if x not in POLICIES]
     if bad or not args.policies or len(set(args.policies)) != len(args.policies):
         p.error(f"--policies: a list of distinct values of {', '.join(POLICIES)}")
+    if args.batch_slots is None:
+        args.batch_slots = args.max_num_seqs - 1
+    if not 0 < args.batch_slots < args.max_num_seqs:
+        p.error("--batch-slots: at least 1 and below --max-num-seqs")
     return args
 
 
@@ -132,11 +146,16 @@ def sizes(args: argparse.Namespace) -> Sizes:
 # -- the tier and its keys ----------------------------------------------------------------------------
 
 
-def policy_config(model_dir: Path, served: str, max_model_len: int, max_num_seqs: int, policy: str) -> dict:
+def policy_config(
+    model_dir: Path, served: str, max_model_len: int, max_num_seqs: int, policy: str, batch_slots: int | None = None
+) -> dict:
     """The main benchmark's one-tier config (tier `bench` embedded in the ingress, profile `bench`, auth on),
     with the policy under test. No routing or fallback: every request must reach the tier's engine."""
     doc = servers.tierserve_config(model_dir, served, max_model_len, max_num_seqs, None, features=False)
-    doc["tiers"][servers.BENCH_TIER]["engine"]["scheduling_policy"] = policy
+    tier = doc["tiers"][servers.BENCH_TIER]
+    tier["engine"]["scheduling_policy"] = ENGINE_POLICY[policy]
+    if policy == "slots":
+        tier["slots"] = {"batch_per_replica": batch_slots or max_num_seqs - 1}
     return doc
 
 
@@ -148,7 +167,7 @@ def policy_server(
     keys: dict[str, str] = {}
 
     def make(_features: bool) -> dict:
-        return policy_config(model_dir, args.served_name, args.max_model_len, seqs, policy)
+        return policy_config(model_dir, args.served_name, args.max_model_len, seqs, policy, args.batch_slots)
 
     server, note = servers.tierserve_from(make, args.served_name, workdir / policy, features=False)
     server.name = f"tierserve-{policy}"
@@ -319,23 +338,29 @@ def policy_summary(
         "ratio_p50": ratio(saturated["ttft_ms"]["p50"], idle["ttft_ms"]["p50"]),
         "batch": batch,
         "waiting": waiting,
-        # The target is the priority policy's; fcfs is the baseline it is compared with.
-        "target_met": (p95 <= TARGET_RATIO if p95 is not None else None) if policy == "priority" else None,
+        # The target is TARGET_POLICY's; fcfs is the baseline the classed runs are compared with.
+        "target_met": (p95 <= TARGET_RATIO if p95 is not None else None) if policy == TARGET_POLICY else None,
     }
 
 
 def comparison(results: dict[str, dict]) -> dict[str, Any]:
-    """fcfs against priority, when both ran: how much longer an interactive key waits without classes, and
-    what the classes cost the batch load."""
-    pr, fc = results.get("priority"), results.get("fcfs")
-    if pr is None or fc is None:
-        return {}
-    return {
-        "saturated_p95_fcfs_over_priority": ratio(fc["saturated"]["ttft_ms"]["p95"], pr["saturated"]["ttft_ms"]["p95"]),
-        "saturated_p50_fcfs_over_priority": ratio(fc["saturated"]["ttft_ms"]["p50"], pr["saturated"]["ttft_ms"]["p50"]),
-        "ratio_p95_fcfs_over_priority": ratio(fc["ratio_p95"], pr["ratio_p95"]),
-        "batch_tok_per_s_priority_over_fcfs": ratio(pr["batch"]["output_tok_per_s"], fc["batch"]["output_tok_per_s"]),
-    }
+    """fcfs against each classed run that ran with it: how much longer an interactive key waits without
+    classes, and what the classes cost the batch load."""
+    fc = results.get("fcfs")
+    out: dict[str, Any] = {}
+    for name in CLASSED:
+        cl = results.get(name)
+        if cl is None or fc is None:
+            continue
+        sat_fc, sat_cl = fc["saturated"]["ttft_ms"], cl["saturated"]["ttft_ms"]
+        out |= {
+            f"saturated_p95_fcfs_over_{name}": ratio(sat_fc["p95"], sat_cl["p95"]),
+            f"saturated_p50_fcfs_over_{name}": ratio(sat_fc["p50"], sat_cl["p50"]),
+            f"ratio_p95_fcfs_over_{name}": ratio(fc["ratio_p95"], cl["ratio_p95"]),
+            f"batch_tok_per_s_{name}_over_fcfs": ratio(cl["batch"]["output_tok_per_s"],
+                                                       fc["batch"]["output_tok_per_s"]),
+        }
+    return out
 
 
 def failures(results: dict[str, dict]) -> list[str]:
@@ -524,6 +549,7 @@ def document(
             "model_dir": str(model_dir),
             "served_name": args.served_name,
             "policies": args.policies,
+            "batch_slots": args.batch_slots,
             "workload": {
                 "max_num_seqs": s.max_num_seqs, "batch_streams": s.batch_streams,
                 "interactive_requests": s.interactive_requests, "batch_tokens": s.batch_tokens,
@@ -533,8 +559,8 @@ def document(
             "tierserve_config": configs,
             "noise": NOISE if (os.cpu_count() or 0) <= 4 else None,
         },
-        "target": {"ratio_p95_max": TARGET_RATIO, "policy": "priority",
-                   "met": results.get("priority", {}).get("target_met")},
+        "target": {"ratio_p95_max": TARGET_RATIO, "policy": TARGET_POLICY,
+                   "met": results.get(TARGET_POLICY, {}).get("target_met")},
         "results": results,
         "comparison": comparison(results),
         "failures": failures(results),
@@ -553,7 +579,8 @@ NOISE = (
 def markdown(doc: dict) -> str:
     """The run's .md: setup, one row per policy, the target, fcfs against priority, failures."""
     meta, w, f = doc["meta"], doc["meta"]["workload"], report._f
-    target = (f"Interactive TTFT p95 saturated / idle <= {doc['target']['ratio_p95_max']:g} with `priority`: "
+    target = (f"Interactive TTFT p95 saturated / idle <= {doc['target']['ratio_p95_max']:g} with "
+              f"`{doc['target']['policy']}`: "
               f"{f(doc['target']['met'])}.")  # fmt: skip
     lines = [
         f"# Priority classes benchmark {meta['date']} on {meta['machine']}",
@@ -564,20 +591,22 @@ def markdown(doc: dict) -> str:
         "",
         f"Setup: `tierserve up`, one tier `{servers.BENCH_TIER}` (model {meta['served_name']}, "
         f"`engine.max_num_seqs` {w['max_num_seqs']}, embedded in the ingress, API keys on), started once per "
-        f"`engine.scheduling_policy` ({', '.join(meta['policies'])}), one after the other; an `interactive` and "
-        "a `batch` key on each.",
+        f"policy ({', '.join(meta['policies'])}), one after the other; an `interactive` and a `batch` key on "
+        f"each. `slots`: `engine.scheduling_policy: priority` and `slots.batch_per_replica` "
+        f"{meta.get('batch_slots')}; `priority`: the scheduling policy alone; `fcfs`: no classes.",
         "",
         f"Workload: idle = {w['interactive_requests']} sequential streamed chats from the interactive key "
         f"({w['prompt_tokens']}-token prompts, {w['interactive_tokens']} output tokens) after {w['warmup']} "
         f"warm-up request(s); saturated = as many interactive chats (other prompts) while {w['batch_streams']} "
         f"batch streams of {w['batch_tokens']} forced tokens (`ignore_eos`) run, each restarted when it ends. "
-        "Waiting = the engine's waiting count read from the ingress's /metrics during that window; batch tok/s = "
+        "Waiting = requests waiting (the engine's waiting count, or batch requests waiting in the gateway for a "
+        "slot), read from the ingress's /metrics during that window; batch tok/s = "
         "the batch streams' output tokens in that window. Times in ms.",
         "",
-        f"vLLM orders only its waiting queue: a running stream is never preempted, so under `priority` an "
-        f"interactive request still waits for the next slot to free (at most about {w['batch_tokens']} / "
-        f"{w['max_num_seqs']} decode steps of the batch load when their ends are spread out), under `fcfs` for "
-        "every batch request queued before it as well.",
+        f"vLLM orders only its waiting queue: a running stream is never preempted, so under `priority` alone an "
+        f"interactive request still waits for the next slot to free (up to {w['batch_tokens']} decode steps "
+        "when the batch streams end together), under `fcfs` for every batch request queued before it as well; "
+        "under `slots` the batch key never holds the last slots, so an interactive request finds one free.",
         "",
         *([f"> **Noise:** {meta['noise']}", ""] if meta.get("noise") else []),
         "| policy | idle TTFT p50 | p95 | saturated TTFT p50 | p95 | saturated/idle p95 | batch out tok/s "
@@ -586,7 +615,7 @@ def markdown(doc: dict) -> str:
         *(_policy_row(p, r) for p, r in doc["results"].items()),
         "",
         *report._section("Target (reported, not asserted)", [target]),
-        *report._bullets("fcfs against priority", [f"{k}: {f(v, 3)}" for k, v in doc["comparison"].items()]),
+        *report._bullets("fcfs against the classed runs", [f"{k}: {f(v, 3)}" for k, v in doc["comparison"].items()]),
         *report._bullets("Failures", doc["failures"]),
         *report._bullets("Start-up (until the first token)", [f"{n}: {f(v)} s" for n, v in meta["startup_s"].items()]),
         *report._bullets("Stop problems", meta.get("stop_problems")),

@@ -165,6 +165,7 @@ class Tier(Strict):
     replicas: Replicas = Replicas()
     # Defined further down; the factories keep the names resolvable.
     overflow: OverflowPolicy = Field(default_factory=lambda: OverflowPolicy())
+    slots: Slots = Field(default_factory=lambda: Slots())
     cost_per_gpu_hour_usd: Annotated[float, Field(ge=0)] | None = None  # to compare local cost with providers
     # What an hour of this tier costs (its share of the node); None: cost_per_gpu_hour_usd x resources.gpus.
     # Charged to API keys per request-second (serving/spend/pricing.py).
@@ -195,6 +196,14 @@ class Tier(Strict):
                 f"resources.gpus ({self.resources.gpus}) must be >= engine.tensor_parallel_size "
                 f"({self.engine.tensor_parallel_size})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_leaves_slots_free(self) -> Tier:
+        cap, seqs = self.slots.batch_per_replica, self.engine.max_num_seqs
+        if cap is not None and seqs is not None and cap >= seqs:
+            raise ValueError(f"slots.batch_per_replica ({cap}) must be below engine.max_num_seqs ({seqs}): "
+                             "at or above it, batch requests can still hold every slot")
         return self
 
 
@@ -552,6 +561,15 @@ class OverflowPolicy(Strict):
     on_unavailable: Literal["fallback", "reject"] = "fallback"  # saturated or no healthy replica
     cold_start: Literal["wait", "fallback"] = "wait"  # scaled to zero and warming up
     max_cold_wait_s: Annotated[float, Field(gt=0)] = 120  # `wait`: then the next candidate is tried
+
+
+class Slots(Strict):
+    """A tier's engine slots that batch keys may hold (serving/gateway/slots.py). vLLM does not preempt a
+    running request for a waiting interactive one: slots kept from batch work are what an interactive agent
+    finds free when a batch key saturates the tier."""
+
+    # Requests of `batch` keys in flight per running replica; the next wait in the gateway. None: no cap.
+    batch_per_replica: Annotated[int, Field(gt=0)] | None = None
 
 
 # -- API keys and input limits ----------------------------------------------------------------------------

@@ -63,6 +63,8 @@ TEST_OVERLAY = {
         "spare": {"served_name": "tiny-spare", "aliases": ["cold"], "model": {"tiny_seed": 4},
                   "reasoning_parser": "deepseek_r1",
                   "engine": {"max_model_len": 512, "dtype": "float32", "enforce_eager": True, "max_num_seqs": 32},
+                  # A batch key's requests: two at a time, the next wait in the gateway (tests/e2e/test_priority.py).
+                  "slots": {"batch_per_replica": 2},
                   "resources": {"gpus": 0, "cpus": 0.25, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
                   "replicas": {"min": 0, "max": 1, "initial": 0, "target_ongoing_requests": 1,
                                "upscale_delay_s": 0, "downscale_delay_s": 20}},

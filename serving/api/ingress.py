@@ -38,6 +38,7 @@ from serving.gateway.ejection import Ejector
 from serving.gateway.fleet import Fleet, ListCollector
 from serving.gateway.readiness import ReadinessProber
 from serving.gateway.router import Candidate, Decision, RequestFacts, Router
+from serving.gateway.slots import BatchSlots
 from serving.gateway.warmup import keep_warm_loop, parse_window
 from serving.ops.gpu import SnapshotCollector
 from serving.ops.metrics import AgentMetrics, RequestMetrics
@@ -136,7 +137,9 @@ class Ingress:
         self.admission = Admission(config, self.keys, self.limiter, accounting, self.conversations)
         self.dispatcher = Dispatcher(config, backends, HandleBackend(fallback) if fallback is not None else None,
                                      attempted=self._attempted, ejector=self.ejector,
-                                     late_first_byte=self.fleet.first_byte_late)
+                                     late_first_byte=self.fleet.first_byte_late,
+                                     replicas=lambda tier: self.fleet.replicas.get(tier),
+                                     batch_slots=BatchSlots(on_change=self.metrics.batch_slots_changed))
         if warning := auth_disabled_warning(config):
             log.warning(warning)
 
@@ -232,7 +235,8 @@ class Ingress:
                 log.info("request agent=%s tier=%s body=%s", admitted.key.agent, decision.tier,
                          orjson.dumps(admitted.body).decode())
             call = Dispatch(endpoint, admitted.body, admitted.stream, admitted.facts.prompt_tokens,
-                            self.tracing.carrier(), PRIORITY_VALUE[admitted.key.priority])
+                            self.tracing.carrier(), PRIORITY_VALUE[admitted.key.priority],
+                            batch=admitted.key.priority == "batch")
             answer = await self.dispatcher.dispatch(decision, call, admitted.ticket)
             keep = endpoint == "responses"  # the Responses API's own state: the caller's stored responses
             owner = admitted.key.id

@@ -29,6 +29,7 @@ from serving.config import AppConfig, Endpoint
 from serving.gateway.accounting import Status, Ticket
 from serving.gateway.ejection import ENGINE_DIED, REPLICA_DIED, REPLICA_UNAVAILABLE, Ejector, TierEjected
 from serving.gateway.router import Candidate, Decision
+from serving.gateway.slots import BatchSlots, Slot, SlotsFull
 from serving.ops.metrics import LOCAL
 from serving.wire.backend import Backend, ItemStream
 from serving.wire.errors import ENGINE_DEAD, APIError, protocol_of, render_sse, retry_after
@@ -51,6 +52,7 @@ class Request:
     prompt_tokens: int = 0  # the router's estimate: what a provider stream cut before its usage is charged
     trace: dict[str, str] | None = None
     priority: int = 0  # vLLM's request priority, from the caller's key
+    batch: bool = False  # a batch key's request: held to its tier's batch slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,8 @@ class Dispatcher:
         attempted: Callable[[Candidate, bool], None] | None = None,
         ejector: Ejector | None = None,
         late_first_byte: Callable[[str], None] | None = None,
+        replicas: Callable[[str], int | None] | None = None,
+        batch_slots: BatchSlots | None = None,
     ) -> None:
         self.config = config
         self.tiers = tiers
@@ -80,6 +84,8 @@ class Dispatcher:
         self.attempted = attempted  # told of every attempt and whether it failed (the fleet refreshes its view)
         self.ejector = ejector if config.routing.ejection.enabled else None
         self.late_first_byte = late_first_byte  # a tier's first byte is late: is a replica still running?
+        self.replicas = replicas  # a tier's running replicas, as the fleet last read them
+        self.batch_slots = batch_slots or BatchSlots()
 
     def wait_limit_s(self, cand: Candidate) -> float:
         """How long a candidate may take to answer (non-streamed) or send its first chunk: the request timeout,
@@ -103,9 +109,23 @@ class Dispatcher:
                     ticket.fell_back(_reason_label(last))
                     reason = f"fallback after {failures[-1]}"
                 ticket.provider = LOCAL if cand.kind == "tier" else cand.name
+                slot, waited = await self._batch_slot(cand, request)
+                if isinstance(slot, Slot) and slot.queued_s is not None:
+                    reason += f";waited {slot.queued_s:.1f}s for a batch slot"
                 headers = {"x-tierserve-tier": cand.tier, "x-tierserve-provider": ticket.provider,
                            "x-tierserve-route-reason": _header(reason)}
-                answer = await self._attempt(cand, request)
+                if isinstance(slot, Result):
+                    answer: Result | tuple[bytes, ItemStream] = slot
+                    slot = None
+                else:
+                    try:
+                        answer = await self._attempt(cand, request, waited)
+                    except BaseException:
+                        if slot is not None:
+                            slot.release()
+                        raise
+                    if slot is not None and isinstance(answer, Result):
+                        slot.release()
                 failed = isinstance(answer, Result) and answer.failover
                 if self.attempted is not None:
                     self.attempted(cand, failed)
@@ -118,7 +138,8 @@ class Dispatcher:
                     return Answer(headers, result=answer)
                 first, rest = answer
                 ticket.first()
-                return Answer(headers, chunks=relay(first, rest, ticket, partial(self._broke, cand, request)))
+                return Answer(headers, chunks=relay(first, rest, ticket, partial(self._broke, cand, request),
+                                                    ended=slot.release if slot is not None else None))
         except BaseException:
             ticket.finish(500)  # a bug in a backend, or the client went away while waiting
             raise
@@ -139,9 +160,28 @@ class Dispatcher:
             raise RuntimeError(f"provider {cand.name} routed to, but no provider deployment exists")
         return self.fallback
 
-    async def _attempt(self, cand: Candidate, request: Request) -> Result | tuple[bytes, ItemStream]:
+    async def _batch_slot(self, cand: Candidate, request: Request) -> tuple[Slot | Result | None, float]:
+        """(a batch slot of the tier, or the 503 when none freed in time, or None when the request is not held
+        to one; seconds spent waiting)."""
+        cap = self.config.tiers[cand.name].slots.batch_per_replica if cand.kind == "tier" else None
+        if cap is None or not request.batch:
+            return None, 0.0
+        replicas = (self.replicas(cand.name) if self.replicas is not None else None) or 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await self.batch_slots.hold(cand.name, cap * replicas, self.wait_limit_s(cand)), \
+                loop.time() - started
+        except SlotsFull as exc:
+            headers = retry_after(self.config.routing.retry_after_s)
+            return Result.error(APIError(503, str(exc), code="batch_slots_full", headers=headers)), \
+                loop.time() - started
+
+    async def _attempt(
+        self, cand: Candidate, request: Request, waited_s: float = 0.0
+    ) -> Result | tuple[bytes, ItemStream]:
         """One candidate: a Result (answer or error) or, for a started stream, (first chunk, the rest)."""
-        answer = await self._attempt_once(cand, request)
+        answer = await self._attempt_once(cand, request, waited_s)
         if cand.kind == "tier" and self.ejector is not None:
             cause = _ejection_cause(answer)
             if cause is None:
@@ -150,11 +190,13 @@ class Dispatcher:
                 self.ejector.failed(cand.name, cause)
         return answer
 
-    async def _attempt_once(self, cand: Candidate, request: Request) -> Result | tuple[bytes, ItemStream]:
+    async def _attempt_once(
+        self, cand: Candidate, request: Request, waited_s: float
+    ) -> Result | tuple[bytes, ItemStream]:
         call = Call(request.endpoint, request.body, cand.tier, target=cand.name if cand.kind == "provider" else "",
                     prompt_tokens=request.prompt_tokens, trace=request.trace, priority=request.priority)
         backend = self._backend(cand)
-        limit = self.wait_limit_s(cand)
+        limit = max(0.001, self.wait_limit_s(cand) - waited_s)  # a wait for a batch slot counts against it
         try:
             if not request.stream:
                 return await self._first(cand, backend.complete(call), limit)
@@ -265,7 +307,8 @@ def _code(result: Result) -> str:
 
 
 async def relay(
-    first: bytes, rest: ItemStream, ticket: Ticket, broke: Callable[[Exception], bytes]
+    first: bytes, rest: ItemStream, ticket: Ticket, broke: Callable[[Exception], bytes],
+    ended: Callable[[], None] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Forward SSE bytes; the backend's closing Usage item goes to the ticket, not to the client. A backend that
     fails after the first byte (backends report their own errors in-stream; this is one that could not, e.g. a
@@ -289,6 +332,8 @@ async def relay(
     finally:
         if status != 200:
             rest.cancel()  # aborts the engine request or the upstream call
+        if ended is not None:
+            ended()
         ticket.finish(status, usage)
 
 

@@ -50,6 +50,14 @@ class RequestMetrics:
             "tierserve_queue_depth", "Requests waiting in the tier's engines (vLLM's waiting count)", ["tier"],
             registry=registry,
         )
+        self.batch_slots_in_use = Gauge(
+            "tierserve_batch_slots_in_use", "Requests of batch keys holding one of the tier's batch slots", ["tier"],
+            registry=registry,
+        )
+        self.batch_slots_waiting = Gauge(
+            "tierserve_batch_slots_waiting", "Requests of batch keys waiting in the gateway for a batch slot",
+            ["tier"], registry=registry,
+        )
         self.fallbacks = Counter(
             "tierserve_fallbacks", "Requests sent away from their tier, by reason", ["tier", "reason"],
             registry=registry,
@@ -67,6 +75,10 @@ class RequestMetrics:
 
         self.ongoing: dict[str, int] = {}  # the same in-flight counts, for the router (no metric lookups)
         self.mean_duration_s: dict[str, float] = {}  # EWMA of locally served requests, for wait estimates
+
+    def batch_slots_changed(self, tier: str, in_use: int, waiting: int) -> None:
+        self.batch_slots_in_use.labels(tier).set(in_use)
+        self.batch_slots_waiting.labels(tier).set(waiting)
 
 
 class AgentMetrics:

@@ -8,26 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 600
+from tests.support.benchrun import TIMEOUT_S, run_benchmark
 
 pytestmark = pytest.mark.bench
-
-
-def _our_processes(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 @pytest.mark.timeout(TIMEOUT_S + 120)
@@ -37,21 +24,10 @@ def test_smoke_sweep_end_to_end(tmp_path: Path) -> None:
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"the benchmark needs {module} (litellm[proxy], matplotlib: see benchmarks/README.md)")
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "benchmarks", "--sweep", "smoke", "--out-dir", str(out),
-           "--workdir", str(tmp_path / "work"), "--machine", "smoke", "--warmup", "2", "--probe-pairs", "4",
-           "--no-progress", "--systems", "bare,bare-colocated,tierserve,litellm"]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        # SIGINT is the runner's clean path: it stops every server it started before exiting.
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=180)
-        pytest.fail(f"benchmark smoke sweep took over {TIMEOUT_S}s:\n{output[-6000:]}")
-    assert proc.returncode == 0, f"benchmark exited with {proc.returncode}:\n{output[-8000:]}"
-    assert not _our_processes(proc.pid)
+    output = run_benchmark("benchmarks", "--sweep", "smoke", "--out-dir", str(out),
+                           "--workdir", str(tmp_path / "work"), "--machine", "smoke", "--warmup", "2",
+                           "--probe-pairs", "4", "--no-progress", "--systems",
+                           "bare,bare-colocated,tierserve,litellm")  # fmt: skip
 
     stems = sorted(p.stem for p in out.glob("*-smoke.json"))
     assert len(stems) == 1, sorted(p.name for p in out.iterdir())

@@ -232,14 +232,17 @@ def test_client_that_hangs_up_at_done_is_a_complete_request(http: httpx.Client) 
 @pytest.mark.parametrize("tier", ["reasoning", "fast"])  # embedded in the ingress; a deployment of its own
 def test_client_that_hangs_up_mid_stream_stops_its_generation(http: httpx.Client, tier: str) -> None:
     before = scrape(http)
-    wanted = 480  # tokens: seconds of generation on this machine; the client reads three chunks and goes
+    # Tokens: seconds of generation on this machine. The client reads the first chunk and goes: the one sent
+    # with the headers. (Later chunks may reach it only when the engine lets the CPU go, here after the whole
+    # generation: on a 2-core machine the relay competes with the engine it relays.)
+    wanted = 480
     body = {"model": tier, "prompt": "hi", "stream": True, "max_tokens": wanted, "min_tokens": wanted}
     with http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         read = 0
         for line in r.iter_lines():
             read += line.startswith("data: ")
-            if read == 3:
+            if read == 1:
                 break
     # Wait until the tier generates next to nothing (a generation that was not aborted would run to its 480
     # tokens first; keep-warm pings add a token every 2 s) ...

@@ -52,9 +52,11 @@ def test_a_load_that_cannot_queue_or_unknown_policies_are_refused() -> None:
 
 @pytest.mark.parametrize("policy", priority.POLICIES)
 def test_each_policys_config_is_the_benchmark_tier_with_that_policy(policy: str) -> None:
-    doc = priority.policy_config(Path("/models/tiny"), "tiny-bench", 512, 4, policy)
+    doc = priority.policy_config(Path("/models/tiny"), "tiny-bench", 512, 4, policy, 3)
     engine = doc["tiers"][servers.BENCH_TIER]["engine"]
-    assert engine["scheduling_policy"] == policy and engine["max_num_seqs"] == 4
+    assert engine["scheduling_policy"] == {"fcfs": "fcfs"}.get(policy, "priority") and engine["max_num_seqs"] == 4
+    slots = doc["tiers"][servers.BENCH_TIER].get("slots")
+    assert slots == ({"batch_per_replica": 3} if policy == "slots" else None)
     assert list(doc["tiers"]) == [servers.BENCH_TIER] and "providers" not in doc  # nothing to fall back to
     assert doc.get("auth", {}).get("enabled", True)
     assert servers.validate_config(doc) == []
@@ -119,11 +121,15 @@ tierserve_queue_depth{tier="other"} 9.0
 # TYPE vllm:num_requests_waiting gauge
 vllm:num_requests_waiting{engine="0",model_name="m",replica="a",tier="bench"} 2.0
 vllm:num_requests_waiting{engine="0",model_name="m",replica="b",tier="bench"} 2.0
+# HELP tierserve_batch_slots_waiting Requests of batch keys waiting in the gateway for a batch slot
+# TYPE tierserve_batch_slots_waiting gauge
+tierserve_batch_slots_waiting{tier="bench"} 7.0
 """
 
 
-def test_the_queue_is_read_from_both_gauges_of_the_tier_only() -> None:
-    assert priority.queue_reading(METRICS, "bench") == {"tierserve_queue_depth": 3.0, "vllm:num_requests_waiting": 4.0}
+def test_the_queue_is_read_from_every_waiting_gauge_of_the_tier_only() -> None:
+    assert priority.queue_reading(METRICS, "bench") == {
+        "tierserve_queue_depth": 3.0, "vllm:num_requests_waiting": 4.0, "tierserve_batch_slots_waiting": 7.0}
     assert priority.queue_reading("", "bench") == dict.fromkeys(priority.QUEUE_METRICS, 0.0)
 
 
@@ -148,15 +154,17 @@ def _summary(policy: str, sat_p95: float, tok_s: float = 100.0, observed: bool =
                                    waiting, policy)  # fmt: skip
 
 
-def test_the_target_is_the_priority_policys_ratio_and_fcfs_is_its_baseline() -> None:
-    pr, fc = _summary("priority", 30), _summary("fcfs", 300, tok_s=110)
-    assert pr["ratio_p95"] == 1.5 and pr["target_met"] is True
+def test_the_target_is_the_slots_runs_ratio_and_fcfs_is_the_baseline() -> None:
+    sl, pr, fc = _summary("slots", 30), _summary("priority", 150), _summary("fcfs", 300, tok_s=110)
+    assert sl["ratio_p95"] == 1.5 and sl["target_met"] is True
+    assert pr["ratio_p95"] == 7.5 and pr["target_met"] is None  # reported, compared, not the target
     assert fc["ratio_p95"] == 15 and fc["target_met"] is None
-    assert _summary("priority", 50)["target_met"] is False
-    cmp = priority.comparison({"priority": pr, "fcfs": fc})
-    assert cmp["saturated_p95_fcfs_over_priority"] == 10 and cmp["ratio_p95_fcfs_over_priority"] == 10
-    assert cmp["batch_tok_per_s_priority_over_fcfs"] == pytest.approx(0.909)
-    assert priority.comparison({"priority": pr}) == {}
+    assert _summary("slots", 50)["target_met"] is False
+    cmp = priority.comparison({"slots": sl, "priority": pr, "fcfs": fc})
+    assert cmp["saturated_p95_fcfs_over_slots"] == 10 and cmp["ratio_p95_fcfs_over_slots"] == 10
+    assert cmp["saturated_p95_fcfs_over_priority"] == 2 and cmp["ratio_p95_fcfs_over_priority"] == 2
+    assert cmp["batch_tok_per_s_slots_over_fcfs"] == pytest.approx(0.909)
+    assert priority.comparison({"slots": sl, "priority": pr}) == {}
 
 
 def test_every_failed_request_and_an_unsaturated_tier_fail_the_run() -> None:
@@ -209,7 +217,7 @@ class FakeTier:
         if self.running < self.seqs and not self.waiting():
             self.running += 1
             return
-        rank = self.PRIORITY.get(key, 0) if self.policy == "priority" else 0
+        rank = self.PRIORITY.get(key, 0) if priority.ENGINE_POLICY[self.policy] == "priority" else 0
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self.queue, (rank, next(self.arrivals), fut))
         try:
@@ -291,7 +299,8 @@ def test_both_policies_measure_end_to_end_and_the_report_is_written(tmp_path: Pa
         assert len(raw[policy]["saturated"]) == 3
     assert priority.failures(results) == []
 
-    args = argparse.Namespace(machine="unit test", smoke=True, served_name="m", policies=list(priority.POLICIES))
+    args = argparse.Namespace(machine="unit test", smoke=True, served_name="m", policies=list(priority.POLICIES),
+                              batch_slots=1)
     s = priority.Sizes(2, 4, 3, 20, 4, 8, 1)
     doc = priority.document(args, s, results, raw, {}, {"tierserve-priority": 1.0}, _now(), {"cores": 2},
                             Path("/m"))  # fmt: skip
@@ -299,15 +308,17 @@ def test_both_policies_measure_end_to_end_and_the_report_is_written(tmp_path: Pa
     json_path, md_path = priority.write(doc, tmp_path)
     assert json_path.name == f"{doc['meta']['date']}-unit-test-priority.json"
     back = json.loads(json_path.read_text())
-    assert set(back["results"]) == {"priority", "fcfs"} and back["failures"] == []
-    assert set(back["comparison"]) == {"saturated_p95_fcfs_over_priority", "saturated_p50_fcfs_over_priority",
-                                       "ratio_p95_fcfs_over_priority", "batch_tok_per_s_priority_over_fcfs"}
-    assert back["target"]["policy"] == "priority" and back["target"]["ratio_p95_max"] == 2.0
-    assert [p[:2] for p in back["raw"]["phases"]][:3] == [["priority", "idle"], ["priority", "saturated"],
-                                                          ["priority", "waiting"]]  # fmt: skip
+    assert set(back["results"]) == {"slots", "priority", "fcfs"} and back["failures"] == []
+    assert set(back["comparison"]) == {f"{k}_fcfs_over_{p}" for k in ("saturated_p95", "saturated_p50", "ratio_p95")
+                                       for p in ("slots", "priority")} | {
+        "batch_tok_per_s_slots_over_fcfs", "batch_tok_per_s_priority_over_fcfs"}  # fmt: skip
+    assert back["target"]["policy"] == "slots" and back["target"]["ratio_p95_max"] == 2.0
+    assert [p[:2] for p in back["raw"]["phases"]][:3] == [["slots", "idle"], ["slots", "saturated"],
+                                                          ["slots", "waiting"]]  # fmt: skip
     md = md_path.read_text()
-    assert md.startswith("# Priority classes benchmark") and "| priority |" in md and "| fcfs |" in md
-    assert "## fcfs against priority" in md and "## Target (reported, not asserted)" in md
+    assert md.startswith("# Priority classes benchmark") and "| slots |" in md and "| fcfs |" in md
+    assert "`slots.batch_per_replica` 1" in md
+    assert "## fcfs against the classed runs" in md and "## Target (reported, not asserted)" in md
     assert "## Failures" not in md
 
 
