@@ -16,7 +16,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,15 +29,14 @@ import psutil
 import yaml
 
 from benchmarks.cpucost import engine_role, process_title, spent_by_group, titled_role
+from serving.cli import unclaimed_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    return unclaimed_port(LOOPBACK)
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -307,9 +308,29 @@ def direct_ingress(config: AppConfig, env: dict[str, str], host: str, port: int)
     env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
     env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)
     env["RAY_SERVE_PORT_QUARANTINE_S"] = "0"
-    with _tcp_socket(host) as s:
+    return unclaimed_port(host)
+
+
+def unclaimed_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port below the kernel's ephemeral range. A port picked now and bound only later (a server
+    that loads its engines first) must not be taken meanwhile by some other process's outgoing connection or
+    port-0 listener, which is what the kernel hands out from that range."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    ports = list(range(20000, max(20001, low)))  # above Ray's default worker ports (10002-19999)
+    random.shuffle(ports)
+    for port in ports[:256]:
+        with _tcp_socket(host) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with _tcp_socket(host) as s:  # a crowded range: the kernel's choice after all
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _tcp_socket(host: str) -> socket.socket:

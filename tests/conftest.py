@@ -11,7 +11,6 @@ import hashlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import pytest
 import yaml
 
 from serving.backends.affinity import engine_cores
+from serving.cli import unclaimed_port
 from serving.config import deep_merge
 
 if TYPE_CHECKING:
@@ -195,9 +195,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return unclaimed_port("127.0.0.1")  # the app binds it only once its engines are up
 
 
 def engine_processes(exclude_session: int | None = None) -> list[psutil.Process]:

@@ -97,3 +97,16 @@ def test_a_bad_environment_setting_is_named_without_a_traceback(
     err = capsys.readouterr().err
     assert "environment variable TIERSERVE_PORT" in err and "valid integer" in err and "'eighty'" in err
     assert "Traceback" not in err
+
+
+def test_a_port_picked_for_later_is_outside_the_kernels_ephemeral_range() -> None:
+    from pathlib import Path
+
+    from serving.cli import unclaimed_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {unclaimed_port("127.0.0.1") for _ in range(20)}
+    assert all(20000 <= p < low for p in ports), ports
+    assert len(ports) > 1  # drawn at random: two runs starting together don't pick the same one
+    for port in ports:
+        assert port_free("127.0.0.1", port)

@@ -79,9 +79,14 @@ def test_a_consumer_that_leaves_early_closes_the_source() -> None:
     assert asyncio.run(main()) == [True]
 
 
+class _Bare(TierServer):
+    def shutdown(self) -> None:
+        pass  # no engine; and TierServer's would reap this test run's child processes (the shared app)
+
+
 def _server(errored: bool) -> TierServer:
-    server = object.__new__(TierServer)  # only the stream translation runs: no engine is started
-    server.tier_name, server.engine = "coder", SimpleNamespace(errored=errored, shutdown=lambda: None)
+    server = object.__new__(_Bare)  # only the stream translation runs: no engine is started
+    server.tier_name, server.engine = "coder", SimpleNamespace(errored=errored)
     return server
 
 
