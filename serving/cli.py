@@ -319,14 +319,9 @@ def unclaimed_port(host: str = "127.0.0.1") -> int:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    ports = list(range(20000, max(20001, low)))  # above Ray's default worker ports (10002-19999)
-    random.shuffle(ports)
-    for port in ports[:256]:
-        with _tcp_socket(host) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
+    candidates = range(20000, max(20001, low))  # above Ray's default worker ports (10002-19999)
+    for port in random.sample(candidates, min(256, len(candidates))):
+        if port_free(host, port):
             return port
     with _tcp_socket(host) as s:  # a crowded range: the kernel's choice after all
         s.bind((host, 0))

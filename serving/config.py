@@ -201,7 +201,7 @@ class Tier(Strict):
     @model_validator(mode="after")
     def _batch_leaves_slots_free(self) -> Tier:
         cap, seqs = self.slots.batch_per_replica, self.engine.max_num_seqs
-        if cap is not None and seqs is not None and cap >= seqs:
+        if cap is not None and cap >= seqs:
             raise ValueError(f"slots.batch_per_replica ({cap}) must be below engine.max_num_seqs ({seqs}): "
                              "at or above it, batch requests can still hold every slot")
         return self

@@ -295,11 +295,12 @@ class TierServer:
                         closing.append(event)  # held until the usage has gone
                         continue
                     yield _translate_sse(event) if endpoint in USAGE_OPTION_ENDPOINTS else event.encode()
-        except Exception as exc:  # report in-stream, in the stream's own protocol, once the stream has started
+        except Exception as exc:
             error = self._dead_or(self._map_exception(exc))
-            yield render_sse(error, protocol_of(endpoint)) if started else Result.error(error)
-            if not started:
+            if not started:  # nothing sent yet: the dispatcher may send it elsewhere
+                yield Result.error(error)
                 return
+            yield render_sse(error, protocol_of(endpoint))  # in-stream, in the stream's own protocol
         if usage is not None:
             yield usage
         for event in closing:

@@ -109,9 +109,10 @@ class Dispatcher:
                     ticket.fell_back(_reason_label(last))
                     reason = f"fallback after {failures[-1]}"
                 ticket.provider = LOCAL if cand.kind == "tier" else cand.name
-                slot, waited = await self._batch_slot(cand, request)
-                if isinstance(slot, Slot) and slot.queued_s is not None:
-                    reason += f";waited {slot.queued_s:.1f}s for a batch slot"
+                slot = await self._batch_slot(cand, request)
+                waited = slot.queued_s if isinstance(slot, Slot) and slot.queued_s is not None else 0.0
+                if waited:
+                    reason += f";waited {waited:.1f}s for a batch slot"
                 headers = {"x-tierserve-tier": cand.tier, "x-tierserve-provider": ticket.provider,
                            "x-tierserve-route-reason": _header(reason)}
                 if isinstance(slot, Result):
@@ -160,22 +161,18 @@ class Dispatcher:
             raise RuntimeError(f"provider {cand.name} routed to, but no provider deployment exists")
         return self.fallback
 
-    async def _batch_slot(self, cand: Candidate, request: Request) -> tuple[Slot | Result | None, float]:
-        """(a batch slot of the tier, or the 503 when none freed in time, or None when the request is not held
-        to one; seconds spent waiting)."""
+    async def _batch_slot(self, cand: Candidate, request: Request) -> Slot | Result | None:
+        """A batch slot of the tier (saying how long it waited), the 503 when none freed in time, or None when
+        the request is not held to one."""
         cap = self.config.tiers[cand.name].slots.batch_per_replica if cand.kind == "tier" else None
         if cap is None or not request.batch:
-            return None, 0.0
+            return None
         replicas = (self.replicas(cand.name) if self.replicas is not None else None) or 1
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         try:
-            return await self.batch_slots.hold(cand.name, cap * replicas, self.wait_limit_s(cand)), \
-                loop.time() - started
+            return await self.batch_slots.hold(cand.name, cap * replicas, self.wait_limit_s(cand))
         except SlotsFull as exc:
             headers = retry_after(self.config.routing.retry_after_s)
-            return Result.error(APIError(503, str(exc), code="batch_slots_full", headers=headers)), \
-                loop.time() - started
+            return Result.error(APIError(503, str(exc), code="batch_slots_full", headers=headers))
 
     async def _attempt(
         self, cand: Candidate, request: Request, waited_s: float = 0.0
