@@ -40,11 +40,15 @@ SYSTEM_TEXT = {
     "with --no-embed: HTTP → ingress replica → tier replica → engine core; the tier sets "
     "`colocate_engine_core`, so its engine core runs on its worker's CPUs (serving/backends/affinity.py)",
     "litellm": "LiteLLM proxy (`litellm --config`, 1 worker) in front of the same bare vLLM",
+    "tierserve-shipped": "exactly what `tierserve up --profile P` starts from the repository's models.yaml (every "
+    "tier of the profile, placed as the profile places them), requests to the measured tier by its served name",
     "bare-colocated": "the same bare vLLM server with its engine-core process moved onto its worker's CPUs "
     "after start, as tierserve does for a CPU tier with `colocate_engine_core` (serving/backends/affinity.py): "
     "tierserve against it is the gateway's cost alone",
 }
-SYSTEMS = ("bare", "bare-colocated", "tierserve", "litellm")  # report order; these get the ratios
+SYSTEMS = ("bare", "bare-colocated", "tierserve", "tierserve-shipped", "litellm")  # report order; with ratios
+SHIPPED = "tierserve-shipped"
+RESTARTABLE = ("litellm",)  # systems restarted after a crash, the level measured again (see restarted())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -175,6 +179,37 @@ def machine_label(explicit: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "machine"
 
 
+def bench_model_dir(model_dir: str | None, tiny_seed: int) -> Path:
+    """The model a benchmark serves: `--model-dir`, else the generated tiny model of `tiny_seed`, the very
+    directory the local profile's tier with that seed serves."""
+    if model_dir:
+        return Path(model_dir).resolve()
+    from serving.backends.tinymodel import cached_tiny_model
+    from serving.config import Settings
+
+    return Path(cached_tiny_model(Settings().cache_dir, tiny_seed)).resolve()
+
+
+def run_header(
+    benchmark: str, args: argparse.Namespace, started: dt.datetime, host: dict[str, Any], model_dir: Path
+) -> dict[str, Any]:
+    """The head of a benchmark run's `meta`: what ran, when, where, on which model."""
+    finished = dt.datetime.now().astimezone()
+    module = benchmark.replace("-", "_")
+    return {
+        "benchmark": benchmark,
+        "date": started.date().isoformat(),
+        "machine": machine_label(args.machine),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "command": f"python -m benchmarks.{module} " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "smoke": args.smoke,
+        "host": {**host, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "model_dir": str(model_dir),
+        "served_name": args.served_name,
+    }
+
+
 def host_facts() -> dict[str, Any]:
     facts: dict[str, Any] = {"cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()}
     try:
@@ -299,6 +334,7 @@ class Systems:
     started: list[servers.Server] = field(default_factory=list)  # all stopped at the end, whatever happens
     tierserve_note: dict = field(default_factory=dict)
     stop_problems: list[str] = field(default_factory=list)  # of servers stopped before the end (--schedule apart)
+    crashes: list[dict] = field(default_factory=list)  # RESTARTABLE systems that died and were started again
 
     @property
     def order(self) -> list[str]:
@@ -354,19 +390,17 @@ def plan_run(args: argparse.Namespace) -> Plan:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tierserve-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     work = Workload(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+    if SHIPPED in wanted_systems(args) and not args.profile and not args.target:
+        from serving.config import Settings
+
+        args.profile = Settings().profile  # what `tierserve up` starts without --profile
     if args.profile:
         return plan_profile(args, concurrency, modes, workdir, work)
     args.served_name = args.served_name or DEFAULT_SERVED
     args.max_model_len = args.max_model_len or DEFAULT_MAX_MODEL_LEN
     args.max_num_seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS
     targets = target_endpoints(args)
-    model_dir = Path(args.model_dir).resolve() if args.model_dir else None
-    if model_dir is None and not targets:
-        from serving.backends.tinymodel import cached_tiny_model
-        from serving.config import Settings
-
-        # The very directory the local profile's tier with this seed serves (`fast`: seed 3).
-        model_dir = Path(cached_tiny_model(Settings().cache_dir, args.tiny_seed)).resolve()
+    model_dir = bench_model_dir(args.model_dir, args.tiny_seed) if args.model_dir or not targets else None
     tokenizer_dir = args.tokenizer or (str(model_dir) if model_dir else None)
     schedule = (args.schedule, f"--schedule {args.schedule}") if args.schedule != "auto" else ("together", "default")
     return Plan(concurrency, modes, workdir, work, targets, model_dir, tokenizer_dir, schedule=schedule,
@@ -507,6 +541,8 @@ def profile_servers(
         made["tierserve"], note = profiles.tierserve(
             pt, model_dir, args.served_name, plan.workdir, bare_url, not args.no_features, plan.embed
         )
+    if SHIPPED in wanted:
+        made[SHIPPED] = profiles.tierserve_shipped(pt, plan.workdir, args.cache_dir)
     return made, note
 
 
@@ -537,7 +573,8 @@ def measure_apart(args: argparse.Namespace, plan: Plan, systems: Systems, engine
     """--schedule apart: bare vLLM (and LiteLLM in front of it) started, measured and stopped, then tierserve;
     one engine resident at a time. The fallback-hop probe needs both at once, so it is not available."""
     wanted = wanted_systems(args)
-    phases = [[n for n in wanted if n != "tierserve"], [n for n in wanted if n == "tierserve"]]
+    own = ("tierserve", SHIPPED)  # each alone on the GPU, after the others
+    phases = [[n for n in wanted if n not in own], *([n] for n in wanted if n in own)]
     parts: list[Measured] = []
     probes: dict[str, dict] = {}
     for phase in (p for p in phases if p):
@@ -552,6 +589,7 @@ def measure_apart(args: argparse.Namespace, plan: Plan, systems: Systems, engine
         parts.append(measure(args, plan, sub))
         if "tierserve" in phase or not probes:  # the probes measure tierserve
             probes = parts[-1].probes
+        systems.crashes += sub.crashes
         systems.stop_problems += stop_all(sub.started, engines_before)
     return merge_measured(parts, systems.order, probes)
 
@@ -589,12 +627,32 @@ def run_loads(
                 for name in order:
                     prog.describe(f"{mode} c={c:<3} {name:<9}")
                     summary, rows = measure_level(args, plan.work, systems.endpoints[name], prompts, stream, c, prog)
+                    if restarted(args, systems, name, f"{mode} c={c}", prog):
+                        summary, rows = measure_level(args, plan.work, systems.endpoints[name], prompts, stream, c,
+                                                      prog)  # fmt: skip
                     results[mode][name][c] = summary
                     raw.setdefault(mode, {}).setdefault(name, {})[c] = rows
                     prog.log(level_line(mode, c, name, summary))
                     snapshot(systems.started)
                     check_alive(systems.started)
     return results, raw
+
+
+def restarted(args: argparse.Namespace, systems: Systems, name: str, level: str, prog: Progress) -> bool:
+    """Whether `name` is a comparison proxy that died during `level` and was started again (then the level is
+    measured again). Its crash is a fact about that proxy, which the report lists, not a reason to lose the run;
+    tierserve and vLLM get no second chance (check_alive stops the run)."""
+    server = next((s for s in systems.started if s.name == name), None)
+    if name not in RESTARTABLE or server is None or server.proc is None or server.proc.poll() is None:
+        return False
+    if any(c["system"] == name and c["level"] == level for c in systems.crashes):
+        return False  # died again on the same level: check_alive reports it
+    code = server.proc.returncode
+    systems.crashes.append({"system": name, "level": level, "exit_code": code, "log_tail": server.tail(4000)})
+    prog.log(f"{name} exited with {code} during {level}; restarting it and measuring the level again")
+    server.start()
+    servers.wait_ready([server], args.start_timeout, report_ready)
+    return True
 
 
 def warm_up(
@@ -682,7 +740,8 @@ def document(
     host: dict[str, Any],
 ) -> dict[str, Any]:
     """The run's .json document (report.write renders it); the stop's outcome is added once known."""
-    rat = report.ratios(measured.results, against=tuple(n for n in SYSTEMS if n != "tierserve"))
+    rat = report.ratios(measured.results, against=tuple(n for n in SYSTEMS if n not in ("tierserve", SHIPPED)))
+    rat.update(report.ratios(measured.results, of=SHIPPED, against=("bare",)))
     return {
         "meta": run_meta(args, plan, systems, measured, started, host),
         "results": measured.results,
@@ -771,7 +830,8 @@ def run_meta(
         "tierserve_config": note.get("config"),
         "tierserve_features_rejected": note.get("features_rejected"),
         "noise": noise_note(args, measured.results),
-        **({"notes": notes} if (notes := run_notes(plan)) else {}),
+        **({"notes": notes} if (notes := run_notes(plan) + crash_notes(systems.crashes)) else {}),
+        "crashes": systems.crashes,
         **({"profile": profiles.meta(plan.tier, plan.model_dir, plan.schedule, plan.embed)}
            if plan.tier is not None and plan.model_dir is not None else {}),
         **({"schedule": plan.schedule[0], "schedule_reason": plan.schedule[1]} if plan.schedule[0] == "apart" else {}),
@@ -818,6 +878,11 @@ def run_notes(plan: Plan) -> list[str]:
         notes.append("The engines started one after another (vLLM profiles the GPU's free memory at start); "
                      "all stayed resident and the levels interleave the systems")
     return notes
+
+
+def crash_notes(crashes: list[dict]) -> list[str]:
+    return [f"{c['system']} exited with {c['exit_code']} during {c['level']}: restarted, and that level measured "
+            "again (its log's tail is in the .json, meta.crashes)" for c in crashes]
 
 
 SMALL_MACHINE_NOISE = (

@@ -24,7 +24,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -45,10 +44,11 @@ from benchmarks.cli import (
     DEFAULT_MAX_MODEL_LEN,
     DEFAULT_SERVED,
     RESULTS,
+    bench_model_dir,
     check_alive,
     host_facts,
-    machine_label,
     report_ready,
+    run_header,
     stop_all,
 )
 from benchmarks.loadgen import PromptMaker, Sample, Workload, make_client, one_request
@@ -229,10 +229,7 @@ def ttft_stats(samples: list[Sample]) -> dict[str, Any]:
     """Requests, failures and TTFT p50/p95/max (ms) of the successful ones."""
     ok = [s for s in samples if interactive_problem(s) is None]
     ttft = [s.ttft for s in ok if s.ttft is not None]
-    kinds: dict[str, int] = {}
-    for s in samples:
-        if (p := interactive_problem(s)) is not None:
-            kinds[p[:120]] = kinds.get(p[:120], 0) + 1
+    kinds = report.error_kinds(interactive_problem(s) for s in samples)
     return {
         "requests": len(samples),
         "ok": len(ok),
@@ -282,10 +279,7 @@ def tokens_per_chunk(s: BatchStream) -> float | None:
 def batch_stats(streams: list[BatchStream], t0: float, t1: float) -> dict[str, Any]:
     """The batch load: streams started, completed, cut at the window's end, failed; output tok/s in the window."""
     failed = [s for s in streams if s.error is not None]
-    kinds: dict[str, int] = {}
-    for s in failed:
-        assert s.error is not None
-        kinds[s.error[:120]] = kinds.get(s.error[:120], 0) + 1
+    kinds = report.error_kinds(s.error for s in failed)
     tokens = tokens_in_window(streams, t0, t1)
     window = t1 - t0
     return {
@@ -535,19 +529,9 @@ def document(
     args: argparse.Namespace, s: Sizes, results: dict, raw: dict, configs: dict, startup: dict, started: dt.datetime,
     host: dict[str, Any], model_dir: Path,
 ) -> dict[str, Any]:
-    finished = dt.datetime.now().astimezone()
     doc = {
         "meta": {
-            "benchmark": "priority",
-            "date": started.date().isoformat(),
-            "machine": machine_label(args.machine),
-            "started": started.isoformat(timespec="seconds"),
-            "finished": finished.isoformat(timespec="seconds"),
-            "command": "python -m benchmarks.priority " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "smoke": args.smoke,
-            "host": {**host, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
-            "model_dir": str(model_dir),
-            "served_name": args.served_name,
+            **run_header("priority", args, started, host, model_dir),
             "policies": args.policies,
             "batch_slots": args.batch_slots,
             "workload": {
@@ -669,13 +653,7 @@ def run(args: argparse.Namespace) -> int:
     s = sizes(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tierserve-priority-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.model_dir:
-        model_dir = Path(args.model_dir).resolve()
-    else:
-        from serving.backends.tinymodel import cached_tiny_model
-        from serving.config import Settings
-
-        model_dir = Path(cached_tiny_model(Settings().cache_dir, args.tiny_seed)).resolve()
+    model_dir = bench_model_dir(args.model_dir, args.tiny_seed)
     maker = PromptMaker(str(model_dir))
     k, n = s.interactive_requests, s.prompt_tokens
     prompts = {  # the same lists for every policy; each phase its own, so no phase hits another's prefix cache

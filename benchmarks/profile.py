@@ -182,6 +182,20 @@ def tierserve(
     return server, note
 
 
+def tierserve_shipped(pt: ProfileTier, workdir: Path, cache_dir: str | None) -> servers.Server:
+    """`tierserve up --config CONFIG --profile P` as a user runs it: every tier of the profile where the profile
+    puts it, the user's model cache; only the port (a free one on loopback) and the state directory (keys, spend:
+    the run's own, not the user's) differ. When the profile has auth on, the load generator gets an agent key."""
+    env = servers.child_env(TIERSERVE_STATE_DIR=str(workdir / "shipped-state"))
+    env.pop("TIERSERVE_KEYS_FILE", None)
+    port = servers.free_port()
+    cmd = [servers.bin_of("tierserve"), "up", "--config", str(pt.config_path), "--profile", pt.profile,
+           "--host", servers.LOOPBACK, "--port", str(port)] + (["--cache-dir", cache_dir] if cache_dir else [])
+    setup = (lambda s: servers.create_agent_key(s, pt.config_path, pt.profile)) if pt.config.auth.enabled else None
+    return servers.Server("tierserve-shipped", cmd, port, pt.tier.served_name, workdir / "tierserve-shipped.log",
+                          env, setup=setup)  # fmt: skip
+
+
 def engines_fit_together(engine: EngineArgs, engines: int, gpu_memory_bytes: int | None) -> bool:
     """Whether `engines` copies of this GPU engine fit one set of GPUs at once: their gpu_memory_utilization
     shares plus each one's CUDA context (serving/ops/fit.py's allowance) per GPU. Without the GPU's size, a

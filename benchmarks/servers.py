@@ -364,8 +364,13 @@ def write_tierserve_setup(server: Server, doc: dict, cfg: Path) -> None:
     """Write the config and create the load generator's agent key, just before `tierserve up` starts."""
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    create_agent_key(server, cfg, "bench")
+
+
+def create_agent_key(server: Server, cfg: Path, profile: str) -> None:
+    """The load generator's agent key in the server's state directory (TIERSERVE_STATE_DIR of its env)."""
     created = subprocess.run(
-        [bin_of("tierserve"), "keys", "--config", str(cfg), "--profile", "bench", "create", "--agent", "bench"],
+        [bin_of("tierserve"), "keys", "--config", str(cfg), "--profile", profile, "create", "--agent", "bench"],
         env=server.env, capture_output=True, text=True, check=True,
     )
     server.api_key = created.stdout.strip()
@@ -393,6 +398,7 @@ def litellm_proxy(served: str, bare_url: str, workdir: Path) -> Server:
         LITELLM_LOCAL_MODEL_COST_MAP="True",  # no download of the price map at start
         LITELLM_TELEMETRY="False",
         LITELLM_LOG="ERROR",
+        PYTHONFAULTHANDLER="1",  # a crash in a C extension prints its Python stack to the log
         DISABLE_SCHEMA_UPDATE="True",
     )
     return Server("litellm", cmd, port, served, workdir / "litellm.log", env, api_key=key)

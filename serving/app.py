@@ -15,6 +15,7 @@ from ray.serve import Application, Deployment
 
 from serving.api.ingress import Ingress, api
 from serving.backends.fallback import FallbackServer
+from serving.backends.replica_router import router_config
 from serving.backends.tier import TierServer
 from serving.config import AppConfig, AuthSettings, Resources, Settings, Tier, deployment_name, load_config
 
@@ -73,6 +74,9 @@ def tier_deployment(name: str, tier: Tier, cache_dir: Path) -> Application:
         "max_ongoing_requests": tier.replicas.max_ongoing_requests,
         **ENGINE_REPLICA_OPTIONS,
     }
+    # Always our router: telemetry reads every replica through it, whichever policy requests follow.
+    options["request_router_config"] = router_config(tier.replicas.max_imbalance,
+                                                     sessions=tier.replicas.routing == "session")
     autoscaling = tier.replicas.autoscaling_config()
     if autoscaling:
         options["autoscaling_config"] = autoscaling
@@ -89,7 +93,7 @@ def build(config: AppConfig, cache_dir: Path, state_dir: Path) -> Application:
         # One replica: breakers and budgets are this process's state (budgets persisted in SQLite).
         fallback = deployment(FallbackServer).options(
             name="fallback", num_replicas=1, max_ongoing_requests=config.ingress.max_ongoing_requests,
-            ray_actor_options={"num_cpus": 0},
+            ray_actor_options=gateway_actor_options(config, 0),
         ).bind(config, str(state_dir))
     ingress = deployment(serve.ingress(api)(Ingress)).options(**ingress_options(config))
     return ingress.bind(config, tiers, fallback, str(state_dir), AuthSettings(), str(cache_dir))
@@ -101,12 +105,23 @@ def ingress_options(config: AppConfig) -> dict[str, Any]:
         "name": "ingress",
         "num_replicas": config.ingress.replicas,
         "max_ongoing_requests": config.ingress.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": config.ingress.cpus},
+        "ray_actor_options": gateway_actor_options(config, config.ingress.cpus),
     }
     if config.ingress.embed_tier is not None:
         res = config.tiers[config.ingress.embed_tier].resources
-        options["ray_actor_options"] = engine_actor_options(res, config.ingress.cpus)
+        actor = engine_actor_options(res, config.ingress.cpus)
+        if config.ingress.custom:
+            actor["resources"] = {**actor.get("resources", {}), **config.ingress.custom}
+        options["ray_actor_options"] = actor
         options.update(ENGINE_REPLICA_OPTIONS)  # its health check asks the engine, as a tier replica's does
+    return options
+
+
+def gateway_actor_options(config: AppConfig, cpus: float) -> dict[str, Any]:
+    """Ray actor options of the ingress and fallback replicas: their CPUs and `ingress.custom`."""
+    options: dict[str, Any] = {"num_cpus": cpus}
+    if config.ingress.custom:
+        options["resources"] = dict(config.ingress.custom)
     return options
 
 

@@ -223,7 +223,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             tiers = [t.strip() for t in args.tiers.split(",") if t.strip()] if args.tiers is not None else None
             fields = {"agent": args.agent, "tiers": tiers, "rpm": args.rpm, "tpm": args.tpm,
                       "budget_usd": args.budget_usd, "budget_period": args.budget_period,
-                      "default_tier": args.default_tier, "priority": args.priority}
+                      "default_tier": args.default_tier, "priority": args.priority, "team": args.team,
+                      "response_cache": args.response_cache}
             try:
                 spec = KeySpec.model_validate(fields)
             except ValidationError as exc:
@@ -267,15 +268,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([k.public() for k in keys], indent=2))
             return 0
-        header = ("ID", "AGENT", "TIERS", "DEFAULT", "PRIORITY", "RPM", "TPM", "BUDGET", "CREATED", "REVOKED")
+        header = ("ID", "AGENT", "TEAM", "TIERS", "DEFAULT", "PRIORITY", "RPM", "TPM", "BUDGET", "CREATED", "REVOKED")
         rows: list[tuple[str, ...]] = [header]
         for k in keys:
             when = [datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M") if t else "-"
                     for t in (k.created_at, k.revoked_at)]
             budget = f"${k.budget_usd:g}/{k.budget_period}" if k.budget_usd is not None else "-"
             allowed = "ADMIN" if k.admin else ",".join(k.tiers) if k.tiers is not None else "all"
-            rows.append((k.id, k.agent, allowed, _fmt_limit(k.default_tier), k.priority, _fmt_limit(k.rpm),
-                         _fmt_limit(k.tpm), budget, *when))
+            rows.append((k.id, k.agent, _fmt_limit(k.team), allowed, _fmt_limit(k.default_tier), k.priority,
+                         _fmt_limit(k.rpm), _fmt_limit(k.tpm), budget, *when))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -374,16 +375,22 @@ def ray_defaults(env: dict[str, str]) -> dict[str, str]:
         # are started by `ray start --node-ip-address` on the private network instead; see deployments/.)
         env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Ray Serve's throughput profile: user code and the handle router on the replica's own event loop (no
-    # thread hop per streamed chunk), gRPC between deployments, direct ingress, GC frozen after start.
-    # Measured (benchmarks/results/2026-11-23-vm-2cpu-gateway.md): tierserve/bare streaming 0.55 -> 0.67 at
-    # 1 stream, 0.34 -> 0.40 at 64, unchanged at 16 (means of two runs each).
+    # thread hop per streamed chunk), gRPC between deployments, direct ingress, GC frozen after start
+    # (benchmarks/results/2026-11-23-vm-2cpu-gateway.md).
     env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    # Serve's controller reconciles every 0.1 s by default: 3.4 % of a core here while idle, on the core the
-    # HTTP path needs (1.2 % at 0.5 s; benchmarks/results/2026-11-30-vm-2cpu-ingress-profile.md). A replica's
-    # death or start is then seen up to 0.4 s later; the router re-reads replica counts as soon as a tier call
-    # or a readiness probe fails (serving/gateway/fleet.py, readiness.py), so requests don't wait on a dead one.
+    # Serve's controller reconciles every 0.1 s by default, which costs idle CPU on the core the HTTP path
+    # needs (benchmarks/results/2026-11-30-vm-2cpu-ingress-profile.md). A replica's death or start is then
+    # seen up to 0.4 s later; the router re-reads replica counts as soon as a tier call or a readiness probe
+    # fails (serving/gateway/fleet.py, readiness.py), so requests don't wait on a dead one.
     env.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     return env
+
+
+def serve_run_command(serve: Path, config_path: str, env: dict[str, str]) -> list[str]:
+    """`serve run` of the config: on the cluster `RAY_ADDRESS` names, else on a Ray of its own. A bare
+    `ray.init()` would join whatever cluster last wrote /tmp/ray/ray_current_cluster on this machine."""
+    address = [] if env.get("RAY_ADDRESS") else ["--address", "local"]
+    return [str(serve), "run", *address, config_path]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -414,7 +421,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: give the child
     # the default back, or the SIGINT we forward to stop it cleanly would be lost.
     proc = subprocess.Popen(
-        [str(serve), "run", fh.name],
+        serve_run_command(serve, fh.name, env),
         env=env,
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -539,6 +546,9 @@ def parser() -> argparse.ArgumentParser:
     kc.add_argument("--default-tier", help="the tier `model: auto` falls back to for this agent")
     kc.add_argument("--priority", choices=list(PRIORITY_VALUE), default="standard",
                     help="the key's place in the tiers' engine queues: interactive first, batch last")
+    kc.add_argument("--team", help="the key's team: keys of one team share cached prompts and answers")
+    kc.add_argument("--response-cache", action="store_true",
+                    help="deterministic requests may be answered from the response cache (tiers that allow it)")
     kc.add_argument("--admin", action="store_true", help="an admin key (admin routes only, not /v1/*)")
     kl = ks.add_parser("list", help="list keys (never their secrets)")
     kl.add_argument("--all", action="store_true", help="include revoked keys")

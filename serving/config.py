@@ -122,6 +122,11 @@ class Replicas(Strict):
     # never goes cold; the ping interval defaults to half the downscale delay.
     keep_warm_hours: Annotated[str, Field(pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")] | None = None
     keep_warm_interval_s: Annotated[float, Field(gt=0)] | None = None
+    # How requests pick one of the tier's replicas: `session` keeps a conversation on one replica (its prefix
+    # cache), load balancing once that replica holds `max_imbalance` more requests than the least loaded
+    # (serving/backends/replica_router.py); `balance` is Ray Serve's power of two choices.
+    routing: Literal["session", "balance"] = "session"
+    max_imbalance: Annotated[int, Field(ge=0)] = 8
 
     @model_validator(mode="after")
     def _bounds(self) -> Replicas:
@@ -184,6 +189,9 @@ class Tier(Strict):
     reasoning_parser: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     # A Jinja chat template file (relative to models.yaml) instead of the one that comes with the model.
     chat_template: str | None = None
+    # Deterministic answers of this tier (temperature 0 or a fixed seed) are kept in the ingress's response
+    # cache (`cache.responses`) for keys that opt in too; off by default: a replay is not a fresh sample.
+    response_cache: bool = False
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -220,6 +228,10 @@ class IngressConfig(Strict):
     # hop (one process handles HTTP and vLLM's serving code, as in bare vLLM). The tier then lives and dies
     # with the ingress replica and cannot autoscale or scale to zero; other tiers are unaffected.
     embed_tier: str | None = None
+    # Ray resources the gateway's replicas (ingress, fallback) ask for on top of their CPUs. In a cluster,
+    # `node:__internal_head__: 0.01` keeps them on the head, which outlives the worker nodes (and holds the
+    # fallback's budgets on its disk).
+    custom: dict[str, float] = Field(default_factory=dict)
 
 
 TierName = Annotated[str, Field(pattern=TIER_NAME)]
@@ -236,6 +248,7 @@ class AppConfig(Strict):
     routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
     auth: AuthConfig = Field(default_factory=lambda: AuthConfig())
     limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
+    cache: CacheConfig = Field(default_factory=lambda: CacheConfig())
 
     @model_validator(mode="after")
     def _routing_refs(self) -> AppConfig:
@@ -608,6 +621,27 @@ class LimitsConfig(Strict):
             "priority", "kv_transfer_params", "ec_transfer_params", "request_id", "chat_template",
         ]
     )
+
+
+# -- caches ---------------------------------------------------------------------------------------------------
+
+
+class ResponseCacheConfig(Strict):
+    """The ingress's cache of deterministic answers (serving/gateway/response_cache.py), per ingress replica."""
+
+    max_entries: Annotated[int, Field(gt=0)] = 1024
+    max_bytes: Annotated[int, Field(gt=0)] = 64 << 20  # answers' bodies or stream chunks, summed
+    ttl_s: Annotated[float, Field(gt=0)] = 600.0
+
+
+class CacheConfig(Strict):
+    """Who shares cached work. `isolation` scopes both vLLM's prefix cache (tierserve sets each request's
+    `cache_salt`, and ignores the client's) and the response cache: `team` (keys of one team share, a key
+    without a team is its own), `key` (every key alone), or `shared` (everyone: timing then tells one agent
+    whether another sent the same prefix)."""
+
+    isolation: Literal["team", "key", "shared"] = "team"
+    responses: ResponseCacheConfig = ResponseCacheConfig()
 
 
 class AuthSettings(BaseSettings):

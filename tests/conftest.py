@@ -51,12 +51,16 @@ TEST_OVERLAY = {
     "tiers": {
         # Its engine core on its worker's cores (serving/backends/affinity.py); the others keep vLLM's placement.
         # No tool-call parser: tool_choice "auto" there is a clear 400 naming the setting.
-        "coder": {"resources": {"cpus": 0.25, "colocate_engine_core": True}, "tool_call_parser": None},
+        # Its deterministic answers may be replayed from the response cache, for keys that opt in too.
+        "coder": {"resources": {"cpus": 0.25, "colocate_engine_core": True}, "tool_call_parser": None,
+                  "response_cache": True},
         # A price per hour, so a key's budget can run out on a local tier: $1 per request-millisecond.
         "reasoning": {"resources": {"cpus": 0.25}, "cost_per_hour_usd": 3_600_000,
                       "replicas": {"keep_warm_hours": "00:00-00:00", "keep_warm_interval_s": 2}},
         "embed": {"resources": {"cpus": 0.25}},
-        "fast": {"resources": {"cpus": 0.25},
+        # Left free here (the local profile colocates it): it scales to a second replica under load, and a
+        # replica starting beside a colocated, loaded one on the same core did not come up in time.
+        "fast": {"resources": {"cpus": 0.25, "colocate_engine_core": False},
                  "replicas": {"min": 1, "max": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
                               "downscale_delay_s": 15}},
         # A reasoning parser: its answers' thinking comes back apart (tests/e2e/test_agent_protocols.py).
@@ -67,7 +71,10 @@ TEST_OVERLAY = {
                   "slots": {"batch_per_replica": 2},
                   "resources": {"gpus": 0, "cpus": 0.25, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
                   "replicas": {"min": 0, "max": 1, "initial": 0, "target_ongoing_requests": 1,
-                               "upscale_delay_s": 0, "downscale_delay_s": 20}},
+                               "upscale_delay_s": 0, "downscale_delay_s": 20},
+                  # Its tests wait for the cold start itself (their answers must come from this engine, not a
+                  # provider); on a loaded 2-core machine that start took over the default 120 s.
+                  "overflow": {"max_cold_wait_s": 280}},
     }
 }
 
@@ -177,11 +184,18 @@ ENGINE_MARKERS = ("VLLM::", "EngineCore", "ServeReplica:tierserve", "ray::", "ra
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests.support.measure import MEASUREMENTS
+    from tests.support.measure import MEASUREMENTS, slowest
 
     if MEASUREMENTS:
         terminalreporter.section("tierserve measurements")
         for line in MEASUREMENTS:
+            terminalreporter.write_line(line)
+    # Last before pytest's short summary, so that a CI log's tail shows where the run's time went.
+    reports = [r for kind in ("passed", "failed", "error") for r in terminalreporter.stats.get(kind, [])]
+    lines = slowest([(r.nodeid, r.duration) for r in reports if hasattr(r, "duration")])
+    if lines:
+        terminalreporter.section("where the time went")
+        for line in lines:
             terminalreporter.write_line(line)
 
 
@@ -192,6 +206,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "disruptive: kills parts of the shared app; runs after the rest")
+    # Ordered first by tests/benchmarks/conftest.py, wherever the test lives.
+    config.addinivalue_line("markers", "bench: starts its own servers; runs first, before the shared app starts")
 
 
 def free_port() -> int:

@@ -30,13 +30,14 @@ from serving.backends.local import LocalTier
 from serving.backends.tier import TierServer
 from serving.config import AppConfig, AuthSettings, Endpoint
 from serving.gateway.accounting import Accounting
-from serving.gateway.admission import Admission
+from serving.gateway.admission import Admission, Admitted
 from serving.gateway.conversations import Conversations, ResponseStore
-from serving.gateway.dispatch import Dispatcher
+from serving.gateway.dispatch import Answer, Dispatcher
 from serving.gateway.dispatch import Request as Dispatch
 from serving.gateway.ejection import Ejector
 from serving.gateway.fleet import Fleet, ListCollector
 from serving.gateway.readiness import ReadinessProber
+from serving.gateway.response_cache import ResponseCache
 from serving.gateway.router import Candidate, Decision, RequestFacts, Router
 from serving.gateway.slots import BatchSlots
 from serving.gateway.warmup import keep_warm_loop, parse_window
@@ -140,6 +141,7 @@ class Ingress:
                                      late_first_byte=self.fleet.first_byte_late,
                                      replicas=lambda tier: self.fleet.replicas.get(tier),
                                      batch_slots=BatchSlots(on_change=self.metrics.batch_slots_changed))
+        self.response_cache = ResponseCache(config.cache.responses, on_change=self.metrics.response_cache_changed)
         if warning := auth_disabled_warning(config):
             log.warning(warning)
 
@@ -236,8 +238,9 @@ class Ingress:
                          orjson.dumps(admitted.body).decode())
             call = Dispatch(endpoint, admitted.body, admitted.stream, admitted.facts.prompt_tokens,
                             self.tracing.carrier(), PRIORITY_VALUE[admitted.key.priority],
-                            batch=admitted.key.priority == "batch")
-            answer = await self.dispatcher.dispatch(decision, call, admitted.ticket)
+                            batch=admitted.key.priority == "batch", cache_salt=admitted.scope,
+                            session=admitted.session)
+            answer = await self._answer(admitted, call, request)
             keep = endpoint == "responses"  # the Responses API's own state: the caller's stored responses
             owner = admitted.key.id
             if answer.chunks is not None:
@@ -253,6 +256,21 @@ class Ingress:
             elif result.status == 200 and keep:
                 body = await self.conversations.answered(owner, admitted.received, admitted.body, body)
             return Response(body, status_code=result.status, media_type="application/json", headers=answer.headers)
+
+    async def _answer(self, admitted: Admitted, call: Dispatch, request: Request) -> Answer:
+        """From the response cache when it holds this answer, else from the dispatcher (and then kept)."""
+        tier = admitted.decision.tier
+        assert tier is not None
+        lookup = self.response_cache.lookup(
+            enabled=self.config.tiers[tier].response_cache and admitted.key.response_cache,
+            endpoint=admitted.endpoint, body=admitted.body, scope=admitted.scope, tier=tier, headers=request.headers)
+        if lookup.result is None:
+            return await self.dispatcher.dispatch(admitted.decision, call, admitted.ticket)
+        self.metrics.response_cache.labels(tier, lookup.result).inc()
+        if lookup.hit is not None:
+            return self.response_cache.answer(lookup, tier, admitted.ticket)
+        fresh = await self.dispatcher.dispatch(admitted.decision, call, admitted.ticket)
+        return self.response_cache.keep(lookup, fresh)
 
     def route(self, facts: RequestFacts) -> Decision:
         with self.tracing.span("tierserve.route"):

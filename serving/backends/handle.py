@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from serving.wire.backend import ItemStream
-from serving.wire.items import Call, Result
+from serving.wire.items import Call, ReplicaPick, Result
 
 
 class HandleBackend:
@@ -27,20 +27,20 @@ class HandleBackend:
         stream: ItemStream = self.streaming.stream.remote(call)  # DeploymentResponseGenerator: has cancel()
         return stream
 
-    async def _call(self, method: str) -> Any:
-        return await getattr(self.handle, method).remote()
+    async def _call(self, method: str, *args: Any) -> Any:
+        return await getattr(self.handle, method).remote(*args)
 
     async def probe(self) -> float:
         latency: float = await self._call("probe")
         return latency
 
-    async def waiting(self) -> int:
-        count: int = await self._call("waiting")
-        return count
+    async def waiting(self, replica: int = 0) -> tuple[str, int]:
+        found, count = await self._call("waiting", ReplicaPick(replica))
+        return found, count
 
-    async def engine_metrics(self) -> tuple[str, str]:
-        replica, text = await self._call("engine_metrics")
-        return replica, text
+    async def engine_metrics(self, replica: int = 0) -> tuple[str, str]:
+        found, text = await self._call("engine_metrics", ReplicaPick(replica))
+        return found, text
 
     async def gpu_snapshot(self) -> dict[str, Any]:
         snapshot: dict[str, Any] = await self._call("gpu_snapshot")

@@ -36,10 +36,10 @@ class LocalTier:
     async def probe(self) -> float:
         return await self.server.probe()
 
-    async def waiting(self) -> int:
-        return await asyncio.to_thread(self.server.waiting)  # a registry read may block
+    async def waiting(self, replica: int = 0) -> tuple[str, int]:
+        return await asyncio.to_thread(self.server.waiting)  # a registry read may block; one replica: this one
 
-    async def engine_metrics(self) -> tuple[str, str]:
+    async def engine_metrics(self, replica: int = 0) -> tuple[str, str]:
         return await asyncio.to_thread(self.server.engine_metrics)
 
     async def gpu_snapshot(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from serving.config import PROMPT_FIELD, Tier
 from serving.ops.metrics import engine_metrics_text, engine_waiting
 from serving.ops.tracing import Tracing
 from serving.wire.errors import ENGINE_DEAD, APIError, from_validation_errors, from_vllm_error, protocol_of, render_sse
-from serving.wire.items import Call, Result, StreamItem, Usage
+from serving.wire.items import Call, ReplicaPick, Result, StreamItem, Usage
 from serving.wire.sse import DONE_TEXT, is_error_event, with_usage
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,14 @@ def engine_priority(tier: Tier, priority: int) -> int:
     return priority if tier.engine.scheduling_policy == "priority" else 0
 
 
-def with_priority(request: Any, priority: int) -> Any:
-    """`request` (a validated vLLM request) with vLLM's `priority` set, where its type has that field."""
-    if "priority" in getattr(type(request), "model_fields", {}):
+def with_engine_fields(request: Any, priority: int, cache_salt: str | None = None) -> Any:
+    """`request` (a validated vLLM request) with vLLM's `priority` and `cache_salt` set, where its type has
+    those fields (the client's own salt was dropped at admission; None shares the prefix cache)."""
+    fields = getattr(type(request), "model_fields", {})
+    if "priority" in fields:
         request.priority = priority
+    if "cache_salt" in fields:
+        request.cache_salt = cache_salt
     return request
 
 
@@ -135,23 +139,26 @@ class TierServer:
 
     # -- request path -------------------------------------------------------------------------------
 
-    async def _start(self, endpoint: str, body: dict[str, Any], priority: int = 0) -> Any:
+    async def _start(self, call: Call, body: dict[str, Any]) -> Any:
+        endpoint = call.endpoint
         try:
-            return await self._submit(endpoint, body, priority)
+            return await self._submit(call, body)
         except Exception as exc:
             # Nothing escapes a tier call as an exception: what vLLM raises instead of returning an
             # ErrorResponse goes through vLLM's own mapping (client errors 4xx, the rest 5xx).
             error = exc if isinstance(exc, APIError) else self._map_exception(exc)
             if error.code == "context_length_exceeded":
                 # vLLM says `input_tokens`; OpenAI names the field the client sent.
-                error.param = PROMPT_FIELD.get(endpoint, "messages")  # type: ignore[call-overload]
+                error.param = PROMPT_FIELD.get(endpoint, "messages")
             if error is exc:
                 raise
             raise error from exc
 
-    async def _submit(self, endpoint: str, body: dict[str, Any], priority: int = 0) -> Any:
+    async def _submit(self, call: Call, body: dict[str, Any]) -> Any:
         """Validate with vLLM's protocol types and hand the request to vLLM's serving code, at the caller's
-        priority (the key's class: the body's `priority` never gets this far)."""
+        priority (the key's class: the body's `priority` never gets this far) and with the caller's
+        prefix-cache salt (the key's cache scope)."""
+        endpoint = call.endpoint
         route = self.routes.get(endpoint)
         if route is None:
             raise APIError(404, f"tier {self.tier_name} ({self.tier.task} model) does not serve {endpoint}",
@@ -170,8 +177,8 @@ class TierServer:
             raise APIError(400, f"{where}invalid value ({type(exc).__name__}: {exc})", param=param) from None
         if self._dead():
             raise self._dead_error()
-        priority = engine_priority(self.tier, priority)
-        with_priority(request, priority)
+        priority = engine_priority(self.tier, call.priority)
+        with_engine_fields(request, priority, call.cache_salt)
         token = _MESSAGES_PRIORITY.set(priority)  # the Anthropic request has no field: its conversion reads this
         try:
             with self.tracing.span("tierserve.engine", model=self.tier.served_name):
@@ -221,11 +228,14 @@ class TierServer:
 
     async def complete(self, call: Call) -> Result:
         with self.tracing.span("tierserve.tier", parent=call.trace, tier=self.tier_name, endpoint=call.endpoint):
-            return await self._complete(call.endpoint, call.body, call.priority)
+            result = await self._complete(call)
+        result.replica = self.replica_id
+        return result
 
-    async def _complete(self, endpoint: str, body: dict[str, Any], priority: int = 0) -> Result:
+    async def _complete(self, call: Call) -> Result:
+        endpoint = call.endpoint
         try:
-            result = await self._start(endpoint, body, priority)
+            result = await self._start(call, call.body)
         except APIError as exc:
             return Result.error(exc)
         if isinstance(result, StarletteResponse):  # the pooling handlers answer with a ready response
@@ -252,7 +262,7 @@ class TierServer:
             if endpoint in USAGE_OPTION_ENDPOINTS:
                 body, client_wants_usage = with_usage(body)
             try:
-                result = await self._start(endpoint, body, call.priority)
+                result = await self._start(call, body)
             except APIError as exc:
                 yield Result.error(exc)
                 return
@@ -328,17 +338,18 @@ class TierServer:
             pass
         return time.perf_counter() - start
 
-    def engine_metrics(self) -> tuple[str, str]:
-        """(replica id, vLLM's own metrics of this replica's engine as exposition text)."""
+    def engine_metrics(self, pick: ReplicaPick | None = None) -> tuple[str, str]:
+        """(replica id, vLLM's own metrics of this replica's engine as exposition text); `pick` only routed
+        the call here."""
         from prometheus_client import REGISTRY
 
         return self.replica_id, engine_metrics_text(REGISTRY)
 
-    def waiting(self) -> int:
-        """Requests queued in this replica's engine (what the router reads every few seconds)."""
+    def waiting(self, pick: ReplicaPick | None = None) -> tuple[str, int]:
+        """(replica id, requests queued in this replica's engine): what the router reads every few seconds."""
         from prometheus_client import REGISTRY
 
-        return engine_waiting(REGISTRY)
+        return self.replica_id, engine_waiting(REGISTRY)
 
     def gpu_snapshot(self) -> dict[str, Any]:
         """This node's GPUs, with the memory held by this replica's engine processes labelled as the tier."""
@@ -553,13 +564,14 @@ def _generate_routes(engine: Any, models: Any, tier: Tier) -> dict[str, Route]:
 
 
 def _prioritized_messages(base: Any) -> Any:
-    """vLLM's Anthropic Messages class, its chat request given the priority of the request being submitted."""
+    """vLLM's Anthropic Messages class, its chat request given the priority of the request being submitted
+    (and the salt tierserve set on the Anthropic request)."""
 
     class PrioritizedMessages(base):
         @classmethod
         def to_chat_completion_request(cls, anthropic_request: Any, **kwargs: Any) -> Any:
-            return with_priority(super().to_chat_completion_request(anthropic_request, **kwargs),
-                                 _MESSAGES_PRIORITY.get())
+            chat = super().to_chat_completion_request(anthropic_request, **kwargs)
+            return with_engine_fields(chat, _MESSAGES_PRIORITY.get(), anthropic_request.cache_salt)
 
     return PrioritizedMessages
 

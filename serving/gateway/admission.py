@@ -24,6 +24,8 @@ from serving.gateway.accounting import UNAUTHENTICATED, Accounting, Ticket
 from serving.gateway.conversations import Conversations
 from serving.gateway.limits import check_request, check_tier_cap, read_limited, tier_max_tokens
 from serving.gateway.router import Decision, RequestFacts, facts_from_body
+from serving.gateway.sessions import SessionTiers, session_of
+from serving.security.isolation import cache_scope
 from serving.security.keys import KeyRecord, KeyStore, check_tier
 from serving.security.quotas import Limiter
 from serving.wire.errors import APIError
@@ -43,6 +45,8 @@ class Admitted:
     facts: RequestFacts
     decision: Decision
     ticket: Ticket
+    scope: str | None = None  # whose cached work it may share (serving/security/isolation.py); None: everyone's
+    session: str = ""  # the conversation it belongs to (serving/gateway/sessions.py)
 
 
 class Admission:
@@ -57,6 +61,7 @@ class Admission:
         self.limiter = limiter
         self.accounting = accounting
         self.caps = {name: tier_max_tokens(tier, config.limits) for name, tier in config.tiers.items()}
+        self.session_tiers = SessionTiers()
 
     async def admit(self, request: Request, endpoint: Endpoint, route: Callable[[RequestFacts], Decision]) -> Admitted:
         """The whole admission of one generation request; APIError (already accounted) when it is refused."""
@@ -70,16 +75,23 @@ class Admission:
             if not isinstance(model, str):
                 why = "field required" if model is None else "must be a string"
                 raise APIError(400, f"model: {why}", param="model")
-            body = received
+            # The salt of vLLM's prefix cache is the key's scope, never the client's (one team's salt in another's
+            # hands would let it probe that team's cached prompts).
+            body = {k: v for k, v in received.items() if k != "cache_salt"}
             if endpoint == "responses" and self.conversations is not None:
                 # Before routing: the size of the whole conversation decides where it fits.
-                body = self.conversations.continue_request(key.id, received)
+                body = self.conversations.continue_request(key.id, body)
+            session = session_of(request.headers, key.id, endpoint, body)
+            auto = model == "auto"
             facts = facts_from_body(endpoint, body, request.headers, self.config.routing,
-                                    default_tier=key.default_tier, allowed=key.tiers, priority=key.priority)
+                                    default_tier=key.default_tier, allowed=key.tiers, priority=key.priority,
+                                    session_tier=self.session_tiers.get(session) if auto else None)
             decision = route(facts)
             tier = decision.tier
             if decision.kind == "reject" or tier is None:
                 raise decision.error()
+            if auto:
+                self.session_tiers.remember(session, tier)
             check_tier(key, tier)
             check_tier_cap(body, self.caps[tier], endpoint)
             self.limiter.check(key)
@@ -87,7 +99,8 @@ class Admission:
             self.accounting.rejected(key.agent if key else UNAUTHENTICATED, tier, endpoint, exc.status)
             raise
         ticket = self.accounting.open(key, tier, endpoint)
-        return Admitted(key, endpoint, body, received, bool(body.get("stream")), facts, decision, ticket)
+        return Admitted(key, endpoint, body, received, bool(body.get("stream")), facts, decision, ticket,
+                        scope=cache_scope(self.config.cache.isolation, key), session=session)
 
     # -- the other routes: a key, and a body for the admin ones --------------------------------------------
 

@@ -53,6 +53,8 @@ class Request:
     trace: dict[str, str] | None = None
     priority: int = 0  # vLLM's request priority, from the caller's key
     batch: bool = False  # a batch key's request: held to its tier's batch slots
+    cache_salt: str | None = None  # vLLM's prefix-cache salt: the key's cache scope (a tier's engine only)
+    session: str = ""  # the conversation: the tier's request router keeps it on one replica
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +138,8 @@ class Dispatcher:
                         failures.append(f"{cand.kind} {cand.name} failed ({answer.status}: {_message(answer)[:160]})")
                         continue
                     ticket.finish(answer.status, answer.usage)
+                    if answer.replica:
+                        headers["x-tierserve-replica"] = answer.replica
                     return Answer(headers, result=answer)
                 first, rest = answer
                 ticket.first()
@@ -191,7 +195,8 @@ class Dispatcher:
         self, cand: Candidate, request: Request, waited_s: float
     ) -> Result | tuple[bytes, ItemStream]:
         call = Call(request.endpoint, request.body, cand.tier, target=cand.name if cand.kind == "provider" else "",
-                    prompt_tokens=request.prompt_tokens, trace=request.trace, priority=request.priority)
+                    prompt_tokens=request.prompt_tokens, trace=request.trace, priority=request.priority,
+                    cache_salt=request.cache_salt, session=request.session)
         backend = self._backend(cand)
         limit = max(0.001, self.wait_limit_s(cand) - waited_s)  # a wait for a batch slot counts against it
         try:

@@ -8,6 +8,7 @@ replicas per tier, Ray's own metrics endpoint (deployments/monitoring/prometheus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -221,16 +222,36 @@ class Fleet:
         results = await asyncio.gather(*calls, return_exceptions=True)
         return {t: r for t, r in zip(tiers, results, strict=True) if not isinstance(r, BaseException)}
 
+    async def each_replica(self, method: str) -> dict[str, dict[str, Any]]:
+        """{tier: {replica id: reading}} of every awake tier's running replicas: one call per replica, the i-th
+        by id (a ReplicaPick, which the tiers' request router sends there), one after the other within a tier
+        so that each is routed on its own, the tiers at once. A call that fails or times out is left out."""
+        tiers = await self.awake_tiers()
+
+        async def read(tier: str) -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            for index in range(max(1, self.replicas.get(tier) or 1)):
+                with contextlib.suppress(Exception):
+                    replica, reading = await asyncio.wait_for(getattr(self.tiers[tier], method)(index),
+                                                              FANOUT_TIMEOUT_S)
+                    found[replica] = reading
+            return found
+
+        readings = await asyncio.gather(*(read(t) for t in tiers))
+        return {t: r for t, r in zip(tiers, readings, strict=True) if r}
+
     async def refresh_waiting(self, metrics: RequestMetrics) -> None:
-        """vLLM's queue per tier, for the router: one gauge read per replica."""
-        for tier, waiting in (await self.fanout("waiting")).items():
-            self._set_waiting(tier, waiting, metrics)
+        """vLLM's queue per tier, summed over its replicas, for the router."""
+        for tier, per_replica in (await self.each_replica("waiting")).items():
+            self._set_waiting(tier, sum(per_replica.values()), metrics)
 
     async def refresh_engine_metrics(self, metrics: RequestMetrics) -> None:
-        """All of vLLM's metrics per tier, relabelled (at scrape time: writing and parsing the text costs)."""
+        """All of vLLM's metrics of every replica, relabelled with tier and replica (at scrape time: writing and
+        parsing the text costs)."""
         families: list[Metric] = []
-        for tier, (replica, text) in (await self.fanout("engine_metrics")).items():
-            mine = list(relabel(text, {"tier": tier, "replica": replica}))
+        for tier, texts in (await self.each_replica("engine_metrics")).items():
+            mine = [family for replica, text in texts.items()
+                    for family in relabel(text, {"tier": tier, "replica": replica})]
             self._set_waiting(tier, waiting_in(mine), metrics)
             families.extend(mine)
         self.engine_families = families

@@ -49,6 +49,9 @@ class RequestFacts:
     default_tier: str | None = None
     allowed: frozenset[str] | None = None
     priority: str = "standard"  # the key's class (serving/security/keys.py): `batch` keeps off paid providers
+    # The tier an earlier `auto` turn of this conversation went to: `auto` stays there (its prefix cache) unless
+    # the prompt has outgrown it.
+    session_tier: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,7 @@ def facts_from_body(
     default_tier: str | None = None,
     allowed: Iterable[str] | None = None,
     priority: str = "standard",
+    session_tier: str | None = None,
 ) -> RequestFacts:
     """Extract routing facts from a parsed request body; tolerant of malformed fields (the tier validates)."""
     model = body.get("model")
@@ -238,6 +242,7 @@ def facts_from_body(
         default_tier=default_tier,
         allowed=frozenset(allowed) if allowed is not None else None,
         priority=priority,
+        session_tier=session_tier,
     )
 
 
@@ -329,10 +334,13 @@ class Router:
                 return None, "", False, Decision("reject", None, msg, status=400, param=header)
             return tier, f"pinned:{tier}", False, None
         if facts.model == "auto":
-            is_code: list[bool | None] = [None]
-            lowered = facts.text.lower() if self.rules else ""
             allowed = facts.allowed
             serving = self.serving[facts.endpoint]
+            kept = facts.session_tier
+            if kept in serving and (allowed is None or kept in allowed):
+                return kept, f"auto:session->{kept}", True, None  # a too-long prompt still moves on (route)
+            is_code: list[bool | None] = [None]
+            lowered = facts.text.lower() if self.rules else ""
             for rule in self.rules:
                 if allowed is not None and rule.tier not in allowed:
                     continue  # `auto` never picks a tier the caller's key may not use

@@ -73,8 +73,22 @@ class RequestMetrics:
             ["tier"], registry=registry,
         )
 
+        # result: hit, miss, or bypass (the request's Cache-Control said no-cache or no-store)
+        self.response_cache = Counter(
+            "tierserve_response_cache_lookups", "Response-cache lookups of cacheable requests, by result",
+            ["tier", "result"], registry=registry,
+        )
+        self.response_cache_entries = Gauge(
+            "tierserve_response_cache_entries", "Answers held by the response cache", [], registry=registry)
+        self.response_cache_bytes = Gauge(
+            "tierserve_response_cache_bytes", "Bytes of answers held by the response cache", [], registry=registry)
+
         self.ongoing: dict[str, int] = {}  # the same in-flight counts, for the router (no metric lookups)
         self.mean_duration_s: dict[str, float] = {}  # EWMA of locally served requests, for wait estimates
+
+    def response_cache_changed(self, entries: int, size: int) -> None:
+        self.response_cache_entries.set(entries)
+        self.response_cache_bytes.set(size)
 
     def batch_slots_changed(self, tier: str, in_use: int, waiting: int) -> None:
         self.batch_slots_in_use.labels(tier).set(in_use)

@@ -70,6 +70,10 @@ class KeySpec(BaseModel):
     default_tier: str | None = None  # what `model: auto` means for this agent when no rule matches
     # Its requests' place in the tiers' engine queues (vLLM priority scheduling): interactive agents first.
     priority: PriorityClass = "standard"
+    # Keys of one team share cached work (vLLM's prefix cache, the response cache) when `cache.isolation` is
+    # `team`; no team: the key is a team of its own.
+    team: str | None = None
+    response_cache: bool = False  # its deterministic requests may be answered from the response cache
 
     @classmethod
     def parse(cls, body: dict[str, Any]) -> KeySpec:
@@ -83,6 +87,8 @@ class KeySpec(BaseModel):
         """KeyStoreError for what the types can't say: agent name, empty or unknown tiers, default tier."""
         if not AGENT_RE.match(self.agent):
             raise KeyStoreError(f"agent name {self.agent!r}: use letters, digits, '.', '_', '-' (at most 64)")
+        if self.team is not None and not AGENT_RE.match(self.team):
+            raise KeyStoreError(f"team name {self.team!r}: use letters, digits, '.', '_', '-' (at most 64)")
         if self.tiers is not None and not self.tiers:
             raise KeyStoreError("a key needs at least one tier (leave tiers out to allow all)")  # [] is not "all"
         if known_tiers is not None:

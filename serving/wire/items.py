@@ -33,6 +33,7 @@ class Result:
     usage: Usage = field(default_factory=Usage)
     failover: bool = False  # no answer was started: another candidate may answer
     retry_after: str | None = None  # the backend's Retry-After, kept for the client when every candidate failed
+    replica: str = ""  # the tier replica that answered (the `x-tierserve-replica` header)
 
     @classmethod
     def error(cls, exc: APIError, *, failover: bool | None = None) -> Result:
@@ -56,6 +57,20 @@ class Call:
     prompt_tokens: int = 0
     trace: dict[str, str] | None = None
     priority: int = 0  # vLLM's request priority, from the caller's key (never from the body)
+    # Which conversation this is (the client's session header, or one derived from the key and the
+    # conversation's opening): the tier's request router keeps one session on one replica.
+    session: str = ""
+    # vLLM's prefix-cache salt: the caller's cache scope (serving/security/isolation.py); None: shared.
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaPick:
+    """Which replica of a tier a telemetry call (its engine's metrics, its queue) is for: the `index`-th of the
+    running replicas in id order (the tiers' request router, serving/backends/replica_router.py, sends it
+    there), so one call per replica reads every replica."""
+
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,11 @@ def is_error_event(event: bytes | str) -> bool:
     return event.startswith(_ERROR_PREFIXES)
 
 
+def has_error_event(chunk: bytes) -> bool:
+    """Whether any event of `chunk` (several events when a backend sent them together) is an error."""
+    return any(is_error_event(event.lstrip(b"\n")) for event in chunk.split(b"\n\n"))
+
+
 def is_done(event: bytes) -> bool:
     """The end marker (`data: [DONE]`), however the event's line ends."""
     return event.startswith(_DONE_EVENT)

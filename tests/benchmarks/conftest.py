@@ -12,10 +12,6 @@ from __future__ import annotations
 import pytest
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "bench: starts its own servers; runs first, before the shared app starts")
-
-
 @pytest.hookimpl(trylast=True)  # after tests/conftest.py's ordering, so this one decides what runs first
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("bench") is None)

@@ -8,12 +8,11 @@ shared; a full run, every policy, is the measurement).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.support.benchrun import TIMEOUT_S, run_benchmark
+from tests.support.benchrun import TIMEOUT_S, result_document, run_benchmark
 
 pytestmark = pytest.mark.bench
 
@@ -24,16 +23,7 @@ def test_priority_smoke_end_to_end(tmp_path: Path) -> None:
     run_benchmark("benchmarks.priority", "--smoke", "--policies", "slots", "--out-dir", str(out),
                   "--workdir", str(tmp_path / "work"), "--machine", "smoke")  # fmt: skip
 
-    stems = sorted(p.stem for p in out.glob("*-smoke-priority.json"))
-    assert len(stems) == 1, sorted(p.name for p in out.iterdir())
-    stem = out / stems[0]
-    for suffix in (".json", ".md"):
-        path = stem.with_suffix(suffix)
-        assert path.is_file() and path.stat().st_size > 0, path
-
-    doc = json.loads(stem.with_suffix(".json").read_text())
-    assert doc["meta"]["stop_problems"] == []  # every process stopped cleanly, no VLLM:: left
-    assert doc["failures"] == [], doc["failures"]
+    doc, stem = result_document(out, "priority")
     w = doc["meta"]["workload"]
     assert (w["interactive_requests"], w["batch_streams"], w["batch_tokens"]) == (4, 2 * w["max_num_seqs"], 64)
     assert list(doc["results"]) == ["slots"] and doc["meta"]["batch_slots"] == w["max_num_seqs"] - 1

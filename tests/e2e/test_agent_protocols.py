@@ -202,6 +202,7 @@ def test_a_tier_with_a_reasoning_parser_returns_its_thinking_apart(http: httpx.C
             "min_tokens": 6, "temperature": 0}
     r = http.post("/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
+    assert r.headers["x-tierserve-provider"] == "local", dict(r.headers)  # not a provider without the parser
     message = r.json()["choices"][0]["message"]
     assert message["reasoning"], message
     if "</think>" not in message["reasoning"]:  # random weights rarely close their thinking

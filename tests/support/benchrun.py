@@ -3,6 +3,7 @@ cleanly and left no process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,3 +41,18 @@ def run_benchmark(module: str, *args: str) -> str:
     assert proc.returncode == 0, f"{module} exited with {proc.returncode}:\n{output[-8000:]}"
     assert not _our_processes(proc.pid)
     return output
+
+
+def result_document(out: Path, name: str, suffixes: tuple[str, ...] = (".json", ".md")) -> tuple[dict, Path]:
+    """The one run's `*-smoke-<name>` result files in `out`, each written and not empty: (its JSON document, the
+    files' stem). Every process stopped cleanly (no VLLM:: left) and the run reported no failure."""
+    stems = sorted(p.stem for p in out.glob(f"*-smoke-{name}.json"))
+    assert len(stems) == 1, sorted(p.name for p in out.iterdir())
+    stem = out / stems[0]
+    for suffix in suffixes:
+        path = stem.with_suffix(suffix)
+        assert path.is_file() and path.stat().st_size > 0, path
+    doc: dict = json.loads(stem.with_suffix(".json").read_text())
+    assert doc["meta"]["stop_problems"] == []
+    assert doc["failures"] == [], doc["failures"]
+    return doc, stem

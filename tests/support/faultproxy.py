@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Literal, Self
 
@@ -44,6 +45,7 @@ class Seen:
     path: str
     headers: dict[str, str]  # lower-cased names
     body: bytes
+    at: float  # time.monotonic() when the whole request had arrived
 
 
 @dataclass
@@ -165,7 +167,8 @@ class FaultProxy:
         body = await _read_body(reader, headers, request=True)
         with self._lock:
             self.stats.requests += 1
-            seen = Seen(method.decode(), path.decode(), {k.decode(): v.decode() for k, v in headers}, body)
+            seen = Seen(method.decode(), path.decode(), {k.decode(): v.decode() for k, v in headers}, body,
+                        time.monotonic())
             self.stats.seen = [*self.stats.seen[-99:], seen]
         fault = self._take(at_connect=False)
         if fault.mode == "status":

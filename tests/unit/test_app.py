@@ -32,3 +32,16 @@ def test_without_embedding_every_tier_is_a_deployment(tmp_path: Path) -> None:
     assert ingress_options(config)["ray_actor_options"] == {"num_cpus": 0.25}
     app = build(config, tmp_path, tmp_path)
     assert set(app._bound_deployment.init_args[1]) == {"coder", "fast"}
+
+
+def test_the_gateway_replicas_ask_for_the_ingress_custom_resources(tmp_path: Path) -> None:
+    head = {"node:__internal_head__": 0.01}
+    providers = [{"name": "peer", "kind": "vllm", "base_url": "http://127.0.0.1:9/v1", "models": {"fast": "f"}}]
+    config = build_config({"ingress": {"custom": head}, "tiers": TIERS, "providers": providers}, None)
+    assert ingress_options(config)["ray_actor_options"] == {"num_cpus": 0.25, "resources": head}
+    app = build(config, tmp_path, tmp_path)
+    fallback = app._bound_deployment.init_args[2]
+    assert fallback._bound_deployment.ray_actor_options["resources"] == head
+    # Embedded: the tier's own resources and the gateway's together.
+    embedded = build_config({"ingress": {"custom": head, "embed_tier": "fast"}, "tiers": TIERS}, None)
+    assert ingress_options(embedded)["ray_actor_options"]["resources"] == {"node_a": 1, **head}

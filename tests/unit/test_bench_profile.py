@@ -289,3 +289,62 @@ def test_profile_document_renders_the_tier_cost_and_notes(tmp_path: Path) -> Non
     assert "## Cost per 1M output tokens, and break-even (tier `fast`)" in md
     assert "| openai | 2.00 | 8.00 | 12.000 |" in md
     assert "tier `fast`'s engine settings" in md and "--profile gpu" in md
+
+
+def test_the_shipped_system_is_tierserve_up_on_the_profile_as_a_user_runs_it(tmp_path: Path) -> None:
+    # Without --profile, `tierserve-shipped` measures what `tierserve up` starts by default.
+    args = cli.parse_args(["--systems", "bare,tierserve-shipped", "--workdir", str(tmp_path / "work"),
+                           "--model-dir", str(tmp_path)])  # fmt: skip
+    plan = cli.plan_run(args)
+    assert plan.tier is not None and plan.tier.profile == "local" and plan.tier.name == "fast"
+    made, _ = cli.local_servers(args, plan, ["bare", "tierserve-shipped"])
+    shipped = made["tierserve-shipped"]
+    port = str(shipped.port)
+    assert shipped.cmd == [servers.bin_of("tierserve"), "up", "--config", str(MODELS), "--profile", "local",
+                           "--host", "127.0.0.1", "--port", port]  # fmt: skip
+    assert shipped.model == made["bare"].model == "tiny-fast"
+    assert shipped.env["TIERSERVE_STATE_DIR"] == str(tmp_path / "work" / "shipped-state")
+    assert shipped.setup is None  # the local profile has auth off: no key to create
+    # A profile with auth on: the load generator gets its agent key before the start.
+    _, gpu_plan, _ = _plan(tmp_path, "--profile", "gpu", "--config", str(MODELS), "--cache-dir", str(tmp_path))
+    gpu = profiles.tierserve_shipped(gpu_plan.tier, tmp_path, str(tmp_path))
+    assert gpu.setup is not None and _flag(gpu.cmd, "--cache-dir") == str(tmp_path)
+
+
+def test_the_shipped_targets_are_checked_on_its_ratios_to_bare() -> None:
+    def level(tok: float, ttft: float) -> dict:
+        return {"output_tok_per_s": tok, "req_per_s": 1.0, "ttft_ms": {"p50": ttft, "p95": ttft},
+                "e2e_ms": {"p50": 1.0, "p95": 1.0}}  # fmt: skip
+
+    results = {"stream": {"bare": {1: level(100, 20), 16: level(1000, 50), 64: level(2000, 80)},
+                          "tierserve-shipped": {1: level(99, 31), 16: level(950, 60), 64: level(1500, 200)}}}
+    rat = report.ratios(results, of="tierserve-shipped", against=("bare",))
+    assert rat["tierserve-shipped/bare"]["stream"][64]["output_tok_per_s"] == 0.75
+    checked = report.targets(rat)["stream"]
+    assert checked["shipped_throughput>=0.9x_bare"] == {16: True, 64: False}
+    assert checked["shipped_ttft_p50<=bare+10ms"] == {1: False}  # +11 ms
+
+
+def test_a_crashed_comparison_proxy_is_restarted_and_its_level_measured_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lite = servers.Server("litellm", [sys.executable, "-c", "import os; os.kill(os.getpid(), 11)"], 1, "m",
+                          tmp_path / "litellm.log", {})  # fmt: skip
+    bare = servers.Server("bare", [sys.executable, "-c", "pass"], 2, "m", tmp_path / "bare.log", {})
+    systems = cli.Systems(started=[bare, lite])
+    for s in systems.started:
+        s.start()
+        s.proc.wait(30)
+    lite.log_path.write_text("Fatal Python error: Segmentation fault\n")
+    starts: list[str] = []
+    monkeypatch.setattr(servers, "wait_ready", lambda ss, *a: starts.extend(s.name for s in ss))
+    args = cli.parse_args([])
+    prog = cli.Progress(0, False)
+    assert not cli.restarted(args, systems, "bare", "stream c=4", prog)  # vLLM's death is a finding, not retried
+    assert cli.restarted(args, systems, "litellm", "stream c=4", prog) and starts == ["litellm"]
+    lite.proc.wait(30)
+    assert systems.crashes == [{"system": "litellm", "level": "stream c=4", "exit_code": -11,
+                                "log_tail": "Fatal Python error: Segmentation fault\n"}]  # fmt: skip
+    # Dead again on the same level: no second restart (check_alive then stops the run).
+    assert not cli.restarted(args, systems, "litellm", "stream c=4", prog) and starts == ["litellm"]
+    assert "litellm exited with -11 during stream c=4" in cli.crash_notes(systems.crashes)[0]

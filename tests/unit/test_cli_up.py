@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.cli import direct_ingress, main, port_free, ray_defaults, wait_port_free
+from serving.cli import direct_ingress, main, port_free, ray_defaults, serve_run_command, wait_port_free
 from serving.config import load_config
 
 LOCAL = load_config(Path(__file__).resolve().parents[2] / "models.yaml", "local")
@@ -110,3 +110,11 @@ def test_a_port_picked_for_later_is_outside_the_kernels_ephemeral_range() -> Non
     assert len(ports) > 1  # drawn at random: two runs starting together don't pick the same one
     for port in ports:
         assert port_free("127.0.0.1", port)
+
+
+def test_serve_run_starts_its_own_ray_unless_a_cluster_is_named() -> None:
+    serve = Path("/venv/bin/serve")
+    assert serve_run_command(serve, "/tmp/app.yaml", {}) == [
+        "/venv/bin/serve", "run", "--address", "local", "/tmp/app.yaml"]
+    assert serve_run_command(serve, "/tmp/app.yaml", {"RAY_ADDRESS": "10.1.0.1:6379"}) == [
+        "/venv/bin/serve", "run", "/tmp/app.yaml"]

@@ -172,14 +172,16 @@ def _requests() -> list[tuple[str, Any, dict[str, Any]]]:
     ]
 
 
-def test_with_priority_sets_the_field_of_each_vllm_request_type() -> None:
+def test_engine_fields_set_priority_and_salt_of_each_vllm_request_type() -> None:
     pytest.importorskip("vllm")
-    from serving.backends.tier import with_priority
+    from serving.backends.tier import with_engine_fields
 
     for endpoint, route, request_body in _requests():
-        request = route.validate({"model": "t", **request_body})
+        request = route.validate({"model": "t", **request_body, "cache_salt": "from-the-client"})
         assert request.priority == 0, endpoint
-        assert with_priority(request, -10).priority == -10, endpoint
+        set_ = with_engine_fields(request, -10, "scope-a")
+        assert (set_.priority, set_.cache_salt) == (-10, "scope-a"), endpoint
+        assert with_engine_fields(request, 0, None).cache_salt is None, endpoint  # shared: no salt
 
 
 def test_anthropic_messages_carry_the_priority_into_vllms_chat_request() -> None:
@@ -191,9 +193,10 @@ def test_anthropic_messages_carry_the_priority_into_vllms_chat_request() -> None
 
     messages = _prioritized_messages(AnthropicServingMessages)
     request = AnthropicMessagesRequest.model_validate(
-        {"model": "t", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+        {"model": "t", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "cache_salt": "scope-a"})
     assert "priority" not in AnthropicMessagesRequest.model_fields  # why the context variable exists
-    assert messages.to_chat_completion_request(request).priority == 0
+    chat = messages.to_chat_completion_request(request)
+    assert (chat.priority, chat.cache_salt) == (0, "scope-a")
     token = _MESSAGES_PRIORITY.set(10)
     try:
         assert messages.to_chat_completion_request(request).priority == 10
@@ -228,7 +231,7 @@ def _server(t: Tier, seen: list[Any]) -> Any:
             pass  # no engine, and no processes of this test run to reap
 
     server = object.__new__(Bare)
-    server.tier_name, server.tier, server.engine = "fast", t, _Engine()
+    server.tier_name, server.tier, server.engine, server.replica_id = "fast", t, _Engine(), "r1"
     server.tracing = Tracing("t", environ={})
     server.routes = {"chat": Route(ChatCompletionRequest, handle)}
     return server
@@ -239,15 +242,17 @@ def test_the_tier_submits_the_calls_priority(policy: str, sent: int) -> None:
     pytest.importorskip("vllm")
     seen: list[Any] = []
     server = _server(tier(scheduling_policy=policy), seen)
-    call = Call("chat", {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}, "fast", priority=-10)
+    call = Call("chat", {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}, "fast", priority=-10,
+                cache_salt="scope-a")
     result = asyncio.run(server.complete(call))
-    assert result.status == 200 and seen[-1].priority == sent
+    assert result.status == 200 and seen[-1].priority == sent and seen[-1].cache_salt == "scope-a"
+    assert result.replica == "r1"  # the x-tierserve-replica header's value
 
     async def drain() -> list[Any]:
         return [item async for item in server.stream(replace(call, body={**call.body, "stream": True}))]
 
     asyncio.run(drain())  # the handler's answer is not a stream: an error item, but the request was built
-    assert seen[-1].priority == sent and seen[-1].stream
+    assert seen[-1].priority == sent and seen[-1].stream and seen[-1].cache_salt == "scope-a"
 
 
 def test_the_probe_keeps_priority_zero() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -355,3 +356,30 @@ def test_auto_respects_the_callers_key(router: Router, text: str, default_tier: 
                                        allowed: list[str] | None, tier: str) -> None:
     decision = router.route(keyed(text, default_tier, allowed))
     assert decision.tier == tier, decision.reason
+
+
+def test_auto_keeps_a_session_on_its_tier_until_the_prompt_outgrows_it(router: Router) -> None:
+    kept = replace(chat("what is the capital of France?"), session_tier="coder")  # no rule would pick coder
+    d = router.route(kept)
+    assert first(d) == "coder" and d.reason.startswith("auto:session->coder")
+    assert first(router.route(replace(kept, allowed=frozenset({"fast"})))) == "fast"  # the key lost that tier
+    assert first(router.route(replace(kept, model="fast"))) == "fast"  # a named model is never overridden
+    grown = replace(chat("word " * 500), session_tier="coder")  # past coder's 512 tokens: the next that fits
+    d = router.route(grown)
+    assert first(d) == "reasoning" and "too-long->reasoning" in d.reason
+
+
+def test_session_tiers_remember_recent_sessions_only() -> None:
+    from serving.gateway.sessions import SessionTiers
+    from tests.support.clock import Clock
+
+    clock = Clock()
+    tiers = SessionTiers(max_sessions=2, ttl_s=60, clock=clock)
+    tiers.remember("a", "coder")
+    tiers.remember("b", "fast")
+    tiers.remember("", "fast")  # no session: nothing to remember
+    assert (tiers.get("a"), tiers.get("b"), tiers.get("")) == ("coder", "fast", None)
+    tiers.remember("c", "reasoning")  # a is the least recently remembered: forgotten
+    assert tiers.get("a") is None and tiers.get("c") == "reasoning"
+    clock.t += 60
+    assert tiers.get("b") is None and tiers.get("c") is None
