@@ -80,15 +80,20 @@ def replicas_of_sessions(http: httpx.Client, turns: int) -> dict[int, set[str]]:
     return seen
 
 
-def generated_per_replica(http: httpx.Client) -> dict[str, float]:
-    """Tokens each replica's engine has generated so far (vLLM's own counter, per replica)."""
-    text = http.get(str(http.base_url).removesuffix("/v1/") + "/metrics").text
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "vllm:generation_tokens_total" and s.labels.get("tier") == TIER:
-                found[s.labels["replica"]] = found.get(s.labels["replica"], 0) + s.value
-    return found
+def generated_per_replica(http: httpx.Client, replicas: int = 2, timeout_s: float = 60) -> dict[str, float]:
+    """Tokens each replica's engine has generated so far (vLLM's own counter, per replica). The scrape leaves
+    out a replica that did not answer its fan-out in time, so it is read again until every replica is in."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = http.get(str(http.base_url).removesuffix("/v1/") + "/metrics").text
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "vllm:generation_tokens_total" and s.labels.get("tier") == TIER:
+                    found[s.labels["replica"]] = found.get(s.labels["replica"], 0) + s.value
+        if len(found) >= replicas or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
 
 
 def client(server: servers.Server) -> httpx.Client:
@@ -117,15 +122,18 @@ def test_an_overloaded_replica_sheds_its_session(pair: servers.Server) -> None:
     with client(pair) as http:
         body = {"model": TIER, "messages": opening(99), "max_tokens": tokens, "min_tokens": tokens, "stream": True}
         statuses: list[int] = []
+        spans: list[tuple[float, float]] = []  # each stream's start and end: did they overlap?
         together = threading.Barrier(count)
 
         def stream() -> None:
             with client(pair) as own:
                 together.wait()
+                start = time.monotonic()
                 with own.stream("POST", "chat/completions", json=body) as r:
                     statuses.append(r.status_code)
                     for _ in r.iter_bytes():
                         pass
+                spans.append((start, time.monotonic()))
 
         before = generated_per_replica(http)
         threads = [threading.Thread(target=stream) for _ in range(count)]
@@ -137,7 +145,9 @@ def test_an_overloaded_replica_sheds_its_session(pair: servers.Server) -> None:
     assert statuses == [200] * len(threads)
     streams = {replica: round((after[replica] - before.get(replica, 0)) / tokens) for replica in after}
     # One session's streams: without shedding all would run on its replica.
-    assert sum(streams.values()) == len(threads) and min(streams.values()) >= 1, streams
+    first_end = min(end for _, end in spans)
+    assert sum(streams.values()) == len(threads) and min(streams.values()) >= 1, (
+        streams, before, after, f"{sum(start < first_end for start, _ in spans)} streams began before one ended")
     measured(f"[routing] {len(threads)} streams of one session, max_imbalance {MAX_IMBALANCE}: streams per "
              f"replica {sorted(streams.values())}")
 
