@@ -60,7 +60,7 @@ from benchmarks.cli import (
 )
 from benchmarks.cpucost import spent_by_group
 from benchmarks.loadgen import PromptMaker, Sample, Workload, make_client
-from benchmarks.priority import ms, ratio
+from benchmarks.report import ms, ratio
 
 SYSTEMS = ("vllm-1", "tierserve-session", "tierserve-balance", "litellm")
 SMOKE_SYSTEMS = ("vllm-1", "tierserve-session")
@@ -259,6 +259,17 @@ def hit_rate(before: dict[str, dict[str, float]], after: dict[str, dict[str, flo
     }
 
 
+# Each ratio: (name, system, over system, the field both are read from).
+RATIOS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("hit_rate_session_over_vllm1", "tierserve-session", "vllm-1", ("hit_rate", "rate")),
+    ("ttft_p50_session_over_balance", "tierserve-session", "tierserve-balance", ("ttft_ms", "p50")),
+    ("hit_rate_balance_over_vllm1", "tierserve-balance", "vllm-1", ("hit_rate", "rate")),
+    ("ttft_p50_balance_over_vllm1", "tierserve-balance", "vllm-1", ("ttft_ms", "p50")),
+    ("ttft_p50_session_over_vllm1", "tierserve-session", "vllm-1", ("ttft_ms", "p50")),
+    ("ttft_mean_session_over_balance", "tierserve-session", "tierserve-balance", ("ttft_ms", "mean")),
+)
+
+
 def ratios(results: dict[str, dict]) -> dict[str, float | None]:
     """The run's ratios: each against a system measured in the same run (None when one of them did not run)."""
 
@@ -268,20 +279,7 @@ def ratios(results: dict[str, dict]) -> dict[str, float | None]:
             v = v.get(p) if isinstance(v, dict) else None
         return v
 
-    return {
-        "hit_rate_session_over_vllm1": ratio(get("tierserve-session", "hit_rate", "rate"),
-                                             get("vllm-1", "hit_rate", "rate")),
-        "ttft_p50_session_over_balance": ratio(get("tierserve-session", "ttft_ms", "p50"),
-                                               get("tierserve-balance", "ttft_ms", "p50")),
-        "hit_rate_balance_over_vllm1": ratio(get("tierserve-balance", "hit_rate", "rate"),
-                                             get("vllm-1", "hit_rate", "rate")),
-        "ttft_p50_balance_over_vllm1": ratio(get("tierserve-balance", "ttft_ms", "p50"),
-                                             get("vllm-1", "ttft_ms", "p50")),
-        "ttft_p50_session_over_vllm1": ratio(get("tierserve-session", "ttft_ms", "p50"),
-                                             get("vllm-1", "ttft_ms", "p50")),
-        "ttft_mean_session_over_balance": ratio(get("tierserve-session", "ttft_ms", "mean"),
-                                                get("tierserve-balance", "ttft_ms", "mean")),
-    }  # fmt: skip
+    return {name: ratio(get(system, *field), get(over, *field)) for name, system, over, field in RATIOS}
 
 
 def targets(rat: dict[str, float | None]) -> list[dict[str, Any]]:
@@ -308,21 +306,15 @@ class Turn:
 def stats(turns: list[Turn], wall_s: float) -> dict[str, Any]:
     """Requests, failures, TTFT and end-to-end latency p50/p95 (ms), output tok/s over the trace's wall time."""
     samples = [t.sample for t in turns]
+    block, ttft = report.outcomes(samples)
     ok = [s for s in samples if s.error is None]
-    ttft = [s.ttft for s in ok if s.ttft is not None]
     e2e = [s.e2e for s in ok]
-    kinds = report.error_kinds(s.error for s in samples)
     out_tokens = sum(s.output_tokens for s in ok)
+    # The mean too: on a small machine TTFTs can fall into two modes, and a p50 near the boundary jumps between
+    # them from run to run.
+    block["ttft_ms"]["mean"] = ms(statistics.fmean(ttft)) if ttft else None
     return {
-        "requests": len(samples),
-        "ok": len(ok),
-        "errors": len(samples) - len(ok),
-        "error_kinds": kinds,
-        "no_content": len(ok) - len(ttft),  # answers of only special tokens: no text, so no TTFT
-        # The mean too: on a small machine TTFTs can fall into two modes, and a p50 near the boundary jumps between
-        # them from run to run.
-        "ttft_ms": {"p50": ms(report.pct(ttft, 50)), "p95": ms(report.pct(ttft, 95)),
-                    "mean": ms(statistics.fmean(ttft)) if ttft else None},
+        **block,
         "e2e_ms": {"p50": ms(report.pct(e2e, 50)), "p95": ms(report.pct(e2e, 95))},
         "wall_s": round(wall_s, 3),
         "output_tokens": out_tokens,

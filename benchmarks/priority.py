@@ -52,6 +52,7 @@ from benchmarks.cli import (
     stop_all,
 )
 from benchmarks.loadgen import PromptMaker, Sample, Workload, make_client, one_request
+from benchmarks.report import ms, ratio
 
 # What each run sets: vLLM's scheduling policy, and whether the tier keeps slots from batch keys
 # (tiers.<name>.slots.batch_per_replica). `slots` is what an operator turns on for interactive-first tiers.
@@ -204,16 +205,6 @@ def create_key(env: dict[str, str], cfg: Path, agent: str, priority: str) -> str
 # -- pure helpers (tests/unit/test_bench_priority.py) -------------------------------------------------
 
 
-def ms(x: float | None) -> float | None:
-    return None if x is None else round(x * 1000, 2)
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return round(a / b, 3)
-
-
 def interactive_problem(s: Sample) -> str | None:
     """Why an interactive request failed: an error, or an answer not from the tier itself (a successful answer
     of only special tokens has no TTFT but is no failure, as in the main benchmark: `no_content`)."""
@@ -227,18 +218,9 @@ def interactive_problem(s: Sample) -> str | None:
 
 def ttft_stats(samples: list[Sample]) -> dict[str, Any]:
     """Requests, failures and TTFT p50/p95/max (ms) of the successful ones."""
-    ok = [s for s in samples if interactive_problem(s) is None]
-    ttft = [s.ttft for s in ok if s.ttft is not None]
-    kinds = report.error_kinds(interactive_problem(s) for s in samples)
-    return {
-        "requests": len(samples),
-        "ok": len(ok),
-        "errors": len(samples) - len(ok),
-        "error_kinds": kinds,
-        "no_content": len(ok) - len(ttft),  # successes of only special tokens: no text, so no TTFT
-        "ttft_ms": {"p50": ms(report.pct(ttft, 50)), "p95": ms(report.pct(ttft, 95)),
-                    "max": ms(max(ttft, default=None))},
-    }
+    block, ttft = report.outcomes(samples, interactive_problem)
+    block["ttft_ms"]["max"] = ms(max(ttft, default=None))
+    return block
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,34 @@ def error_kinds(errors: Iterable[str | None]) -> dict[str, int]:
     return kinds
 
 
+def ms(x: float | None) -> float | None:
+    return None if x is None else round(x * 1000, 2)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def outcomes(
+    samples: list[Sample], problem: Callable[[Sample], str | None] = lambda s: s.error
+) -> tuple[dict[str, Any], list[float]]:
+    """Requests, failures (by `problem`) and TTFT p50/p95 (ms) of the successes, and those TTFTs (seconds), for
+    a caller to add its own statistics."""
+    ok = [s for s in samples if problem(s) is None]
+    ttft = [s.ttft for s in ok if s.ttft is not None]
+    block = {
+        "requests": len(samples),
+        "ok": len(ok),
+        "errors": len(samples) - len(ok),
+        "error_kinds": error_kinds(problem(s) for s in samples),
+        "no_content": len(ok) - len(ttft),  # answers of only special tokens: no text, so no TTFT
+        "ttft_ms": {"p50": ms(pct(ttft, 50)), "p95": ms(pct(ttft, 95))},
+    }
+    return block, ttft
+
+
 def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     ok = [s for s in samples if s.error is None]
     out_tokens = sum(s.output_tokens for s in ok)
@@ -41,7 +69,6 @@ def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     gaps = [s.max_gap for s in ok if s.max_gap is not None]
     e2e = [s.e2e for s in ok]
     errors = error_kinds(s.error for s in samples)
-    ms = lambda x: None if x is None else round(x * 1000, 2)  # noqa: E731
     return {
         "requests": len(samples),
         "ok": len(ok),

@@ -27,6 +27,7 @@ import yaml
 
 from serving.cli import unclaimed_port
 from serving.config import deep_merge
+from serving.gateway.sessions import SESSION_HEADER
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE = "cluster-cpu"  # the cluster profile's placement and replicas, with the local profile's tiny CPU models
@@ -71,7 +72,10 @@ def fake_autoscaler_config(gcs_address: str, idle_timeout_minutes: float) -> dic
         "max_workers": node_type["max_workers"],
         "idle_timeout_minutes": idle_timeout_minutes,
         "upscaling_speed": 1.0,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs_address},
+        # As Ray's fake_multi_node/example.yaml: every node here has the same address, so the autoscaler knows
+        # them by node id; the provider's nodes are raylets started ready, with nothing for an updater to run.
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": {
             "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
@@ -102,6 +106,7 @@ class LocalCluster:
     """Head (with the dashboard for `serve deploy`, and the autoscaler) plus fixed worker nodes."""
 
     def __init__(self, workdir: Path, env: dict[str, str], idle_timeout_minutes: float) -> None:
+        from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
         from ray.cluster_utils import Cluster
 
         self.env = env
@@ -114,7 +119,9 @@ class LocalCluster:
         self.cluster = Cluster(initialize_head=True, head_node_args={
             **head, "node_ip_address": "127.0.0.1", "gcs_server_port": gcs_port, "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port,
-            "autoscaling_config": str(autoscaler)})
+            "autoscaling_config": str(autoscaler),
+            # The provider knows the head by this id (`ray start --fixed-head-id` in Ray's recipe).
+            "env_vars": {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}})
         self.workers = {tier: self.add(tier) for tier in FIXED_NODES if tier != "coder"}
         self.cluster.wait_for_nodes()
         self.up_s = time.monotonic() - start
@@ -170,10 +177,20 @@ def cluster_env(workdir: Path, state_dir: Path) -> dict[str, str]:
     }
 
 
+def cluster_processes(workdir: Path) -> list[psutil.Process]:
+    """Every process of the cluster, found by the RAY_TMPDIR they all inherit: the autoscaler's nodes are
+    children of its monitor and an engine outlives its parent raylet, so the test's process tree misses some."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != os.getpid() and proc.environ().get("RAY_TMPDIR") == str(workdir):
+                found.append(proc)
+    return found
+
+
 @contextlib.contextmanager
 def running_cluster(env: dict[str, str], workdir: Path, idle_timeout_minutes: float) -> Iterator[LocalCluster]:
     """The cluster's processes inherit the test's environment; afterwards none of them is left."""
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -182,10 +199,11 @@ def running_cluster(env: dict[str, str], workdir: Path, idle_timeout_minutes: fl
         yield cluster
     finally:
         cluster.shutdown()
-        for proc in psutil.Process().children(recursive=True):
-            if proc.pid not in before:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
+        for proc in cluster_processes(workdir):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        _, alive = psutil.wait_procs(cluster_processes(workdir), timeout=10)
+        assert not alive, f"cluster processes left: {[p.pid for p in alive]}"
 
 
 def short_tempdir() -> Path:
@@ -205,11 +223,14 @@ def poll(predicate: Callable[[], Any], timeout_s: float, every_s: float = 1.0) -
         time.sleep(every_s)
 
 
-def answer(client: httpx.Client, tier: str, max_tokens: int = 2, timeout_s: float = 30) -> httpx.Response | None:
-    """One completion for `tier`; None when the connection failed or timed out."""
+def answer(client: httpx.Client, tier: str, max_tokens: int = 2, timeout_s: float = 30,
+           session: str | None = None) -> httpx.Response | None:
+    """One completion for `tier`; None when the connection failed or timed out. `session` names the
+    conversation (`x-session-id`), which keeps to one replica of the tier while it can."""
+    headers = {SESSION_HEADER: session} if session else {}
     try:
         return client.post("/v1/completions", json={"model": tier, "prompt": "hi", "max_tokens": max_tokens},
-                           timeout=timeout_s)
+                           headers=headers, timeout=timeout_s)
     except httpx.HTTPError:
         return None
 

@@ -187,4 +187,6 @@ def test_the_cluster_tests_fake_provider_config_is_aws_yamls_fast_node_type_and_
     node_type = fake["available_node_types"][AUTOSCALED]
     assert node_type["resources"] == {k: v for k, v in aws["resources"].items() if k != "GPU"}
     assert (node_type["min_workers"], node_type["max_workers"]) == (aws["min_workers"], aws["max_workers"])
-    assert fake["provider"] == {"type": "fake_multinode", "gcs_address": "127.0.0.1:6379"}
+    # Ray's fake_multi_node/example.yaml settings: every node has one address, so nodes are known by id.
+    assert fake["provider"] == {"type": "fake_multinode", "gcs_address": "127.0.0.1:6379", "use_node_id_as_ip": True,
+                                "disable_node_updaters": True, "disable_launch_config_check": True}
