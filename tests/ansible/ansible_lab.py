@@ -116,6 +116,10 @@ def rootfs() -> Path:
 class Lab:
     workdir: Path
     tag: str = field(default_factory=lambda: "ts" + secrets.token_hex(2))
+    # The namespaces (name: underlay address; a name is at most 3 characters: it goes into veth names) and which
+    # of them boot a container; `ctl` runs Ansible.
+    hosts: dict[str, str] = field(default_factory=lambda: dict(HOSTS))
+    containers: tuple[str, ...] = CONTAINERS
     # Host directories each container sees read-only at the same path (the GPU node gets the Python that runs
     # the tests: its interpreter, the project's venv and the editable source).
     binds: dict[str, list[Path]] = field(default_factory=dict)
@@ -129,26 +133,29 @@ class Lab:
     def ns(self, name: str) -> str:
         return f"{self.tag}-{name}"
 
+    def mycelium(self, name: str) -> str:
+        return f"5b2:77::{self.hosts[name].rsplit('.', 1)[1]}"
+
     def nsexec(self, name: str, *cmd: str, check: bool = True, timeout: float = 120):
         return run("ip", "netns", "exec", self.ns(name), *cmd, check=check, timeout=timeout)
 
     # ---- setup -------------------------------------------------------------------------------
     def build_network(self) -> None:
         lan = self.ns("lan")
-        for name in ("lan", *HOSTS):
+        for name in ("lan", *self.hosts):
             run("ip", "netns", "add", self.ns(name))
             self.namespaces.append(self.ns(name))
             run("ip", "-n", self.ns(name), "link", "set", "lo", "up")
         run("ip", "-n", lan, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", lan, "link", "set", "br0", "up")
-        for name, addr in HOSTS.items():
+        for name, addr in self.hosts.items():
             inner, outer = f"{self.tag}{name}0", f"{self.tag}{name}1"
             run("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
             run("ip", "link", "set", inner, "netns", self.ns(name))
             run("ip", "link", "set", outer, "netns", lan)
             run("ip", "-n", self.ns(name), "link", "set", inner, "name", "eth0")
             run("ip", "-n", self.ns(name), "addr", "add", f"{addr}/24", "dev", "eth0")
-            run("ip", "-n", self.ns(name), "-6", "addr", "add", f"{MYCELIUM[name]}/64", "dev", "eth0", "nodad")
+            run("ip", "-n", self.ns(name), "-6", "addr", "add", f"{self.mycelium(name)}/64", "dev", "eth0", "nodad")
             run("ip", "-n", self.ns(name), "link", "set", "eth0", "up")
             run("ip", "-n", lan, "link", "set", outer, "master", "br0")
             run("ip", "-n", lan, "link", "set", outer, "up")
@@ -213,9 +220,9 @@ class Lab:
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key))
         image = rootfs()
         self.build_network()
-        for name in CONTAINERS:
+        for name in self.containers:
             self.boot(name, self.prepare_container(name, image))
-        for name in CONTAINERS:
+        for name in self.containers:
             self.wait_ssh(name)
 
     # ---- use ---------------------------------------------------------------------------------
@@ -241,7 +248,7 @@ class Lab:
             "ConnectTimeout=20",
             "-o",
             "ConnectionAttempts=3",
-            f"root@{HOSTS[name]}",
+            f"root@{self.hosts[name]}",
             command,
             check=check,
             timeout=timeout,
@@ -283,16 +290,16 @@ class Lab:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        for name in CONTAINERS:
+        for name in self.containers:
             kill_rooted_in(self.workdir / name)
         if keep_logs is not None:
             keep_logs.mkdir(parents=True, exist_ok=True)
-            for name in CONTAINERS:
+            for name in self.containers:
                 with contextlib.suppress(FileNotFoundError):
                     shutil.copy(self.workdir / f"{name}.console.log", keep_logs / f"{name}.console.log")
         for name in reversed(self.namespaces):
             run("ip", "netns", "del", name, check=False)
-        for name in CONTAINERS:
+        for name in self.containers:
             shutil.rmtree(self.workdir / name, ignore_errors=True)
 
 

@@ -39,23 +39,28 @@ FIXED_NODES = {"coder": {"num_cpus": 2, "resources": {"tier_coder": 1}},  # the 
                "reasoning": {"num_cpus": 1, "resources": {"tier_reasoning": 1}}}
 
 
-def rehearsal_models(directory: Path, autoscaling: dict[str, Any]) -> Path:
-    """models.yaml with profile `cluster-cpu`: the `cluster` profile with each tier's model, engine and GPUs
-    swapped for the local profile's tiny CPU ones (custom resources, CPUs and replicas kept)."""
+def cpu_cluster_profile(replicas: dict[str, dict[str, Any]], cpus: float | None = None) -> dict[str, Any]:
+    """The `cluster` profile with each tier's model, engine and GPUs swapped for the local profile's tiny CPU
+    ones (custom resources and the ingress's head pin kept); `replicas` and `cpus` per tier where given."""
     data = yaml.safe_load((ROOT / "models.yaml").read_text())
     local = data["profiles"]["local"]["tiers"]
     overlay: dict[str, Any] = {"tiers": {}}
     for name in data["profiles"]["cluster"]["tiers"]:
         tiny = local[name]
-        overlay["tiers"][name] = {
-            "model": tiny["model"],
-            "resources": {"gpus": 0, "env": tiny["resources"]["env"]},
-        }
-    overlay["tiers"][AUTOSCALED]["replicas"] = autoscaling
+        resources = {"gpus": 0, "env": tiny["resources"]["env"], **({"cpus": cpus} if cpus else {})}
+        overlay["tiers"][name] = {"model": tiny["model"], "resources": resources,
+                                  **({"replicas": replicas[name]} if name in replicas else {})}
     profile = deep_merge(data["profiles"]["cluster"], overlay)
     for name, tier in profile["tiers"].items():  # the tiny engine whole: no GPU share, no tensor parallelism
         tier["engine"] = local[name]["engine"]
-    data["profiles"][PROFILE] = profile
+    return profile
+
+
+def rehearsal_models(directory: Path, autoscaling: dict[str, Any]) -> Path:
+    """models.yaml with profile `cluster-cpu` (`cpu_cluster_profile`), the autoscaled tier scaling by
+    `autoscaling`; each replica takes the cluster profile's 1 CPU."""
+    data = yaml.safe_load((ROOT / "models.yaml").read_text())
+    data["profiles"][PROFILE] = cpu_cluster_profile({AUTOSCALED: autoscaling})
     path = directory / "models.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
