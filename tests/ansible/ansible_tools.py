@@ -6,9 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import ansible_lab as lab
 import pytest
+
+import serving
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
@@ -43,3 +47,24 @@ def run_tool(*cmd: str, cwd: Path = ANSIBLE_DIR, timeout: float = 600, env: dict
     return subprocess.run(
         cmd, cwd=cwd, env=env or ansible_env(), text=True, capture_output=True, timeout=timeout, check=False
     )
+
+
+def lab_workdir(prefix: str) -> Path:
+    """A new directory for one real run, once what it needs is here (root, the tools): it fails, never skips."""
+    if os.geteuid() != 0:
+        pytest.fail("the real Ansible run needs root (network namespaces, systemd-nspawn)", pytrace=False)
+    for name in ("ip", "systemd-nspawn", "debootstrap", "ssh", "ssh-keygen"):
+        tool(name)
+    root = lab.CACHE / "runs"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
+def venv_binds() -> list[Path]:
+    """What a serving container sees read-only: the venv running these tests, the editable checkout it points
+    at, and the interpreter the venv was made from (unless that is the system's /usr, which the image has too);
+    nested paths come with their parent."""
+    base = Path(sys.base_prefix)
+    binds = sorted({Path(sys.prefix), Path(serving.__file__).resolve().parents[1]}
+                   | ({base} if Path("/usr") not in [base, *base.parents] else set()))
+    return [b for b in binds if not any(o in b.parents for o in binds)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,15 +26,12 @@ from pathlib import Path
 
 import ansible_lab as lab
 import pytest
-from ansible_tools import ANSIBLE_DIR, ansible_env, run_tool, tool
+from ansible_tools import ANSIBLE_DIR, ansible_env, lab_workdir, run_tool, tool, venv_binds
 
-import serving
 from tests.support.measure import measured
 from tests.support.raycluster import cpu_cluster_profile
 
 VENV = Path(sys.prefix)
-SOURCE = Path(serving.__file__).resolve().parents[1]
-BASE = Path(sys.base_prefix)
 HOSTS = {"hed": f"{lab.UNDERLAY}.1", "wrk": f"{lab.UNDERLAY}.4", "out": f"{lab.UNDERLAY}.3",
          "ctl": f"{lab.UNDERLAY}.10"}
 NODES = {"hed": ("head", "10.66.0.1", {"tier_coder": 1, "tier_fast": 1}),
@@ -50,9 +46,7 @@ RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s
 
 class ClusterRun:
     def __init__(self, workdir: Path) -> None:
-        binds = sorted({VENV, SOURCE} | ({BASE} if Path("/usr") not in [BASE, *BASE.parents] else set()))
-        binds = [b for b in binds if not any(o in b.parents for o in binds)]
-        self.lab = lab.Lab(workdir, hosts=HOSTS, containers=tuple(NODES), binds={n: binds for n in NODES})
+        self.lab = lab.Lab(workdir, hosts=HOSTS, containers=tuple(NODES), binds={n: venv_binds() for n in NODES})
         self.workdir = workdir
         self.timings: dict[str, float] = {}
         self.output = ""
@@ -135,13 +129,7 @@ class ClusterRun:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ClusterRun]:
-    if os.geteuid() != 0:
-        pytest.fail("the real Ansible run needs root (network namespaces, systemd-nspawn)", pytrace=False)
-    for name in ("ip", "systemd-nspawn", "debootstrap", "ssh", "ssh-keygen"):
-        tool(name)
-    root = lab.CACHE / "runs"
-    root.mkdir(parents=True, exist_ok=True)
-    run = ClusterRun(Path(tempfile.mkdtemp(prefix="cluster-", dir=root)))
+    run = ClusterRun(lab_workdir("cluster-"))
     try:
         run.setup()
         yield run

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -31,17 +30,12 @@ from pathlib import Path
 
 import ansible_lab as lab
 import pytest
-from ansible_tools import ANSIBLE_DIR, ansible_env, run_tool, tool
+from ansible_tools import ANSIBLE_DIR, ansible_env, lab_workdir, run_tool, tool, venv_binds
 
-import serving
 from tests.support.measure import measured
 
 HERE = Path(__file__).resolve().parent
-# What the GPU container gets read-only: the venv running these tests, the editable checkout it points at,
-# and the interpreter the venv was made from (unless that is the system's /usr, which the image has too).
 VENV = Path(sys.prefix)
-SOURCE = Path(serving.__file__).resolve().parents[1]
-BASE = Path(sys.base_prefix)
 # The VMs' names in OpenTofu's outputs, hence in the generated inventory, and the WireGuard addresses the
 # generator derives from them.
 GPU, AGENT = "gpu1", "agent1"
@@ -81,10 +75,7 @@ class Run:
     """One lab with the playbook applied twice; the tests below inspect it."""
 
     def __init__(self, workdir: Path) -> None:
-        binds = sorted({VENV, SOURCE} | ({BASE} if Path("/usr") not in [BASE, *BASE.parents] else set()))
-        # Nested paths come with their parent.
-        binds = [b for b in binds if not any(o in b.parents for o in binds)]
-        self.lab = lab.Lab(workdir, binds={"gpu": binds})
+        self.lab = lab.Lab(workdir, binds={"gpu": venv_binds()})
         self.workdir = workdir
         self.api_key = ""  # the agent's, read from its env file after the first run
         self.timings: dict[str, object] = {}
@@ -223,13 +214,7 @@ def finish(run: Run) -> None:
 
 @pytest.fixture(scope="module")
 def applied():
-    if os.geteuid() != 0:
-        pytest.fail("the real Ansible run needs root (network namespaces, systemd-nspawn)", pytrace=False)
-    for name in ("ip", "systemd-nspawn", "debootstrap", "ssh", "ssh-keygen"):
-        tool(name)
-    workdir_root = lab.CACHE / "runs"
-    workdir_root.mkdir(parents=True, exist_ok=True)
-    run = Run(Path(tempfile.mkdtemp(prefix="run-", dir=workdir_root)))
+    run = Run(lab_workdir("run-"))
     try:
         try:
             run.setup()
@@ -241,7 +226,7 @@ def applied():
             earlier = str(exc)
             warnings.warn(f"ansible real run: first lab failed, retrying on a fresh one:\n{earlier}", stacklevel=1)
             finish(run)
-            run = Run(Path(tempfile.mkdtemp(prefix="run-", dir=workdir_root)))
+            run = Run(lab_workdir("run-"))
             run.earlier_failure = earlier
             run.setup()
         yield run
